@@ -1,0 +1,23 @@
+"""fml: a JAX-compiled functional ML engine.
+
+Models are pure `Model(init, apply, spec)` pairs, params are nested dicts,
+training steps are single XLA programs driven by optax.
+
+Example:
+  >>> import fml
+  >>> data = fml.data.load("mnist1d")
+  >>> model = fml.models.mlp([100, 100, 10])
+  >>> state, history = fml.fit(model, data, epochs=20, batch_size=100, quiet=True)
+"""
+
+from fml import data, errors, layers, losses, metrics, models, train
+from fml._model import Model
+from fml.errors import FmlError
+from fml.train import TrainState, evaluate, fit, predict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FmlError", "Model", "TrainState", "data", "errors", "evaluate", "fit", "layers", "losses",
+    "metrics", "models", "predict", "train",
+]

@@ -1,0 +1,48 @@
+"""The `fml` command line. `fml` alone runs the main job (every family on
+embedded data, one table); subcommands are registered in `COMMANDS`."""
+
+import argparse
+import sys
+
+from fml.errors import FmlError
+
+
+def _add_main(subparsers):
+    p = subparsers.add_parser("main", help="train every family on embedded data; print the table")
+    p.add_argument("--out", default="runs/main", help="directory for the table (default runs/main)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets, for smoke tests")
+    p.set_defaults(run=_run_main)
+
+
+def _run_main(args):
+    from fml import report
+
+    report.main_job(out=args.out, quick=args.quick)
+
+
+# Each entry adds one subcommand's parser; its `run(args)` does the work.
+COMMANDS = [_add_main]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fml", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv or ["main"])
+    try:
+        args.run(args)
+    except FmlError as e:
+        print(f"fml: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Data sets that exist without a network: MNIST-1D (generated locally by the
+`mnist1d` package) and scikit-learn's bundled sets."""
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from fml.errors import ConfigError, DataError, DTypeError, ShapeError, unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Arrays for one data set, ready for `fml.train.fit`.
+
+    Inputs are float32 `[N, *input_shape]`; targets are int32 labels `[N]` for
+    classification or float32 `[N]` for regression. `x_val`/`y_val` are set when
+    a validation split was asked for (carved from train, before standardising).
+    """
+
+    name: str
+    task: str  # "classification" or "regression"
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        val = f", val={len(self.x_val)}" if self.x_val is not None else ""
+        return (f"Dataset({self.name!r}, {self.task}, train={len(self.x_train)}{val}, "
+                f"test={len(self.x_test)}, input_shape={self.input_shape}, "
+                f"num_classes={self.num_classes})")
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(shuffle_seq: bool):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.shuffle_seq = shuffle_seq
+    d = make_dataset(args)  # generated locally with the paper's defaults; never downloaded
+    return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+def _mnist1d(shuffle_seq: bool = False):
+    x, y, x_test, y_test = _mnist1d_arrays(shuffle_seq)
+    info = {"source": "mnist1d.make_dataset(get_dataset_args()), seed 42", "shuffle_seq": shuffle_seq}
+    return x[..., None], y, x_test[..., None], y_test, "classification", 10, info
+
+
+def _sklearn(loader_name: str, task: str, as_images: bool = False):
+    import sklearn.datasets
+    from sklearn.model_selection import train_test_split
+
+    bunch = getattr(sklearn.datasets, loader_name)()
+    x, y = bunch.data, bunch.target
+    if as_images:  # digits: 8x8 grey levels 0..16 -> [0, 1], NHWC
+        x = (bunch.images / 16.0)[..., None]
+    stratify = y if task == "classification" else None
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, random_state=0, stratify=stratify
+    )
+    num_classes = int(y.max()) + 1 if task == "classification" else None
+    info = {"source": f"sklearn.datasets.{loader_name}; 80/20 split, random_state=0"}
+    return x_train, y_train, x_test, y_test, task, num_classes, info
+
+
+EMBEDDED = {
+    "mnist1d": _mnist1d,
+    "mnist1d_shuffled": functools.partial(_mnist1d, shuffle_seq=True),
+    "digits": functools.partial(_sklearn, "load_digits", "classification", as_images=True),
+    "breast_cancer": functools.partial(_sklearn, "load_breast_cancer", "classification"),
+    "iris": functools.partial(_sklearn, "load_iris", "classification"),
+    "wine": functools.partial(_sklearn, "load_wine", "classification"),
+    "diabetes": functools.partial(_sklearn, "load_diabetes", "regression"),
+}
+
+# Per-feature standardisation suits tabular sets; images and MNIST-1D keep their scale.
+_STANDARDIZE_BY_DEFAULT = {"breast_cancer", "iris", "wine", "diabetes"}
+
+
+def _split_validation(x, y, fraction: float, seed: int, stratify: bool):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=fraction, random_state=seed,
+                            stratify=y if stratify else None)
+
+
+def load_embedded(name: str, *, validation: float = 0.0, standardize: bool | None = None,
+                  seed: int = 0) -> Dataset:
+    """Loads an embedded data set (see `EMBEDDED`); see `fml.data.load`."""
+    if name not in EMBEDDED:
+        raise unknown("data set", name, EMBEDDED)
+    if not 0.0 <= validation < 1.0:
+        raise ConfigError(f"expected validation fraction in [0, 1), got {validation}")
+    x_train, y_train, x_test, y_test, task, num_classes, info = EMBEDDED[name]()
+    x_val = y_val = None
+    if validation > 0:
+        x_train, x_val, y_train, y_val = _split_validation(
+            x_train, y_train, validation, seed, task == "classification"
+        )
+    if name in _STANDARDIZE_BY_DEFAULT if standardize is None else standardize:
+        mean, std = x_train.mean(0), x_train.std(0)
+        std = np.where(std > 0, std, 1.0)
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+        x_val = None if x_val is None else (x_val - mean) / std
+        info = {**info, "standardized": "per feature, fitted on train"}
+    label_dtype = np.int32 if task == "classification" else np.float32
+
+    def cast(a, dtype):
+        return None if a is None else np.asarray(a, dtype)
+
+    x_train, x_test, x_val = (cast(a, np.float32) for a in (x_train, x_test, x_val))
+    y_train, y_test, y_val = (cast(a, label_dtype) for a in (y_train, y_test, y_val))
+    return Dataset(name, task, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, info)
+
+
+def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str = "data"):
+    """Validates a supervised pair before it reaches XLA; returns them as numpy.
+
+    Raises `DataError` for empty data, non-finite inputs or labels out of range,
+    `ShapeError` for mismatched lengths or label shapes, `DTypeError` for
+    non-float inputs or non-integer class labels.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"{where}: expected at least one example, got x of shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DTypeError(f"{where}: expected floating-point x, got dtype {x.dtype}")
+    if y.shape[:1] != x.shape[:1]:
+        raise ShapeError(f"{where}: expected y with {x.shape[0]} rows like x, got y of shape {y.shape}")
+    if not np.isfinite(x).all():
+        bad = int(np.size(x) - np.isfinite(x).sum())
+        raise DataError(f"{where}: x must be finite, found {bad} NaN/inf values")
+    if task == "classification":
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DTypeError(f"{where}: expected integer class labels, got dtype {y.dtype}")
+        if y.ndim not in (1, 2):
+            raise ShapeError(f"{where}: expected labels of shape (N,) (or (N, T)), got {y.shape}")
+        classes = 2 if num_outputs == 1 else num_outputs
+        if classes is not None and (y.min() < 0 or y.max() >= classes):
+            raise DataError(f"{where}: expected labels in [0, {classes - 1}], got range "
+                            f"[{y.min()}, {y.max()}]")
+    elif not np.isfinite(y).all():
+        raise DataError(f"{where}: regression targets must be finite, found NaN/inf")
+    return x, y

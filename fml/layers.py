@@ -1,0 +1,335 @@
+"""Primitive pure layers: each is an `*_init` that builds a params dict and a pure
+function that applies it. Inputs are batched and channels-last (`NWC`, `NHWC`).
+
+Dense and conv weights use JAX's layouts (`w` is `[in, out]`, conv `w` is
+`[*kernel, in, out]`); recurrent cells use PyTorch's fused gate layout
+(`weight_ih` is `[G*H, in]`, gates LSTM i,f,g,o and GRU r,z,n), so exporting to
+PyTorch is a rename.
+"""
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fml.errors import ConfigError, ShapeError, unknown
+
+# ---------------------------------------------------------------- activations
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "gelu": jax.nn.gelu,
+    "elu": jax.nn.elu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "silu": jax.nn.silu,
+    "softplus": jax.nn.softplus,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str | None) -> Callable:
+    """The activation function called `name` (`None` or "linear" is the identity)."""
+    if name is None:
+        return ACTIVATIONS["linear"]
+    if name not in ACTIVATIONS:
+        raise unknown("activation", name, ACTIVATIONS)
+    return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------- dense
+
+
+def dense_init(key, in_features: int, out_features: int, dtype=jnp.float32) -> dict:
+    """`{"w": [in, out], "b": [out]}` with LeCun-normal weights and zero bias."""
+    w = jax.nn.initializers.lecun_normal()(key, (in_features, out_features), dtype)
+    return {"w": w, "b": jnp.zeros((out_features,), dtype)}
+
+
+def dense(params: dict, x):
+    """`x @ w + b` over the last axis of `x`."""
+    return x @ params["w"] + params["b"]
+
+
+def flatten(x):
+    """`[B, ...] -> [B, prod(...)]`, row-major (channels fastest for NHWC)."""
+    return x.reshape(x.shape[0], -1)
+
+
+# ----------------------------------------------------------------------- conv
+
+Padding = str | int | Sequence[tuple[int, int]]
+
+
+def conv_init(key, in_channels: int, out_channels: int, kernel: Sequence[int], dtype=jnp.float32):
+    """`{"w": [*kernel, in, out], "b": [out]}` (WIO for 1D, HWIO for 2D)."""
+    shape = (*kernel, in_channels, out_channels)
+    w = jax.nn.initializers.lecun_normal(in_axis=(*range(len(kernel)), -2))(key, shape, dtype)
+    return {"w": w, "b": jnp.zeros((out_channels,), dtype)}
+
+
+def explicit_padding(padding: Padding, ndim: int):
+    """Normalises padding to "SAME", "VALID" or `ndim` (low, high) pairs."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ConfigError(f"expected padding 'SAME', 'VALID' or int, got {padding!r}")
+        return padding.upper()
+    if isinstance(padding, int):
+        return [(padding, padding)] * ndim
+    return [tuple(p) for p in padding]
+
+
+_CONV_DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
+
+
+def conv(params: dict, x, *, stride: int | Sequence[int] = 1, padding: Padding = "SAME"):
+    """Channels-last convolution; 1D or 2D is read off the rank of `params["w"]`.
+
+    Args:
+      params: `{"w": [*kernel, C_in, C_out], "b": [C_out]}`.
+      x: `[B, W, C_in]` (1D) or `[B, H, W, C_in]` (2D).
+      stride: int or one per spatial dim.
+      padding: "SAME" (JAX's convention: extra padding goes high), "VALID", an int
+        applied to both sides of every spatial dim, or explicit (low, high) pairs.
+
+    Returns:
+      `[B, *spatial_out, C_out]`.
+    """
+    ndim = params["w"].ndim - 2
+    strides = (stride,) * ndim if isinstance(stride, int) else tuple(stride)
+    y = lax.conv_general_dilated(
+        x,
+        params["w"],
+        window_strides=strides,
+        padding=explicit_padding(padding, ndim),
+        dimension_numbers=_CONV_DIMS[ndim],
+    )
+    return y + params["b"]
+
+
+# -------------------------------------------------------------------- pooling
+
+
+def _same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + window - size, 0)
+    return total // 2, total - total // 2
+
+
+def _window_slices(x, window, stride):
+    """Every offset of a VALID pooling window as a strided slice of `x`.
+
+    Taking max/mean over these slices is much faster on XLA:CPU than
+    `reduce_window`, whose max gradient dominates small CNN steps.
+    """
+    spatial = x.shape[1:-1]
+    out = [(n - w) // s + 1 for n, w, s in zip(spatial, window, stride)]
+    for offsets in itertools.product(*(range(w) for w in window)):
+        index = tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offsets, stride, out))
+        yield x[(slice(None), *index, slice(None))]
+
+
+def _pool_geometry(x, window, stride, padding):
+    ndim = x.ndim - 2
+    window = (window,) * ndim if isinstance(window, int) else tuple(window)
+    stride = window if stride is None else stride
+    stride = (stride,) * ndim if isinstance(stride, int) else tuple(stride)
+    padding = explicit_padding(padding, ndim)
+    if padding == "VALID":
+        pads = [(0, 0)] * ndim
+    elif padding == "SAME":
+        pads = [_same_pads(n, w, s) for n, w, s in zip(x.shape[1:-1], window, stride)]
+    else:
+        pads = padding
+    return window, stride, [(0, 0), *pads, (0, 0)]
+
+
+def max_pool(x, window: int | Sequence[int], stride=None, padding: Padding = "VALID"):
+    """Max pooling over the spatial dims of channels-last `x`; stride defaults to window."""
+    window, stride, pads = _pool_geometry(x, window, stride, padding)
+    x = jnp.pad(x, pads, constant_values=-jnp.inf)
+    slices = _window_slices(x, window, stride)
+    out = next(slices)
+    for s in slices:
+        out = jnp.maximum(out, s)
+    return out
+
+
+def avg_pool(x, window: int | Sequence[int], stride=None, padding: Padding = "VALID"):
+    """Average pooling; with padding, the mean is over the real (unpadded) elements."""
+    window, stride, pads = _pool_geometry(x, window, stride, padding)
+    total = sum(_window_slices(jnp.pad(x, pads), window, stride))
+    ones = jnp.pad(jnp.ones((1, *x.shape[1:-1], 1), x.dtype), pads)
+    count = sum(_window_slices(ones, window, stride))
+    return total / count
+
+
+# ------------------------------------------------------------ dropout, norms
+
+
+def dropout(x, rate: float, *, key=None, train: bool = False):
+    """Zeroes each element with probability `rate` in training, scaling the rest by
+    `1 / (1 - rate)`; the identity at inference. `rate` is the drop probability."""
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"expected dropout rate in [0, 1), got {rate}")
+    if not train or rate == 0.0:
+        return x
+    if key is None:
+        raise ConfigError("dropout with train=True needs a PRNG `key`")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def layer_norm_init(features: int, dtype=jnp.float32) -> dict:
+    return {"scale": jnp.ones((features,), dtype), "bias": jnp.zeros((features,), dtype)}
+
+
+def layer_norm(params: dict, x, eps: float = 1e-5):
+    """Normalises the last axis to zero mean, unit variance, then scales and shifts."""
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(var + eps) * params["scale"] + params["bias"]
+
+
+# ------------------------------------------------------------ recurrent cells
+
+
+class Cell(NamedTuple):
+    """A recurrent cell in PyTorch's fused layout.
+
+    `project(params, x_BxTxD) -> gx_BxTxG` is the input half of every gate for all
+    steps at once (one big matmul, hoisted out of the scan); `step(params, carry,
+    gx_BxG) -> (carry, h_BxH)` is the recurrent half. `gates` is G / H.
+    """
+
+    gates: int
+    step: Callable
+    zero_carry: Callable
+
+
+def cell_init(key, gates: int, in_features: int, hidden: int, dtype=jnp.float32) -> dict:
+    """PyTorch's init: every weight and bias uniform in ±1/sqrt(hidden)."""
+    bound = 1.0 / math.sqrt(hidden)
+    shapes = {
+        "weight_ih": (gates * hidden, in_features),
+        "weight_hh": (gates * hidden, hidden),
+        "bias_ih": (gates * hidden,),
+        "bias_hh": (gates * hidden,),
+    }
+    keys = jax.random.split(key, len(shapes))
+    return {
+        name: jax.random.uniform(k, shape, dtype, -bound, bound)
+        for k, (name, shape) in zip(keys, shapes.items())
+    }
+
+
+def project(params: dict, x):
+    """The input half of every gate: `x @ weight_ih.T + bias_ih`."""
+    return x @ params["weight_ih"].T + params["bias_ih"]
+
+
+def _simple_step(params, h, gx):
+    h = jnp.tanh(gx + h @ params["weight_hh"].T + params["bias_hh"])
+    return h, h
+
+
+def _lstm_step(params, carry, gx):
+    h, c = carry
+    gates = gx + h @ params["weight_hh"].T + params["bias_hh"]
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (h, c), h
+
+
+def _gru_step(params, h, gx):
+    gh = h @ params["weight_hh"].T + params["bias_hh"]
+    x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    h = (1.0 - z) * n + z * h
+    return h, h
+
+
+def _zeros(batch, hidden, dtype):
+    return jnp.zeros((batch, hidden), dtype)
+
+
+CELLS = {
+    "simple": Cell(1, _simple_step, _zeros),
+    "lstm": Cell(4, _lstm_step, lambda b, h, dt: (_zeros(b, h, dt), _zeros(b, h, dt))),
+    "gru": Cell(3, _gru_step, _zeros),
+}
+
+
+def get_cell(name: str) -> Cell:
+    if name not in CELLS:
+        raise unknown("rnn cell", name, CELLS)
+    return CELLS[name]
+
+
+def _reverse_within_lengths(x_BxTx, lengths_B):
+    """Reverses each sequence's first `lengths[b]` steps, leaving padding in place."""
+    t = jnp.arange(x_BxTx.shape[1])
+    index_BxT = jnp.where(t < lengths_B[:, None], lengths_B[:, None] - 1 - t, t)
+    return jnp.take_along_axis(x_BxTx, index_BxT[..., None], axis=1)
+
+
+def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, lengths_B=None):
+    """Runs `cell` over time with one `lax.scan`.
+
+    Args:
+      cell: a `Cell` from `get_cell`.
+      params: the cell's params (PyTorch layout).
+      x_BxTxD: batch-first inputs.
+      reverse: process time backwards (the reverse direction of a bidirectional RNN).
+      lengths_B: optional valid lengths; steps at or past a sequence's length leave
+        its carry unchanged and output zeros. Reversal is within each length, as
+        PyTorch's packed sequences do.
+
+    Returns:
+      `(carry, h_BxTxH)`: the final carry (for LSTM `(h, c)`) and every output,
+      in the original time order.
+    """
+    batch, steps, _ = x_BxTxD.shape
+    hidden = params["weight_hh"].shape[1]
+    if reverse and lengths_B is not None:
+        x_BxTxD = _reverse_within_lengths(x_BxTxD, lengths_B)
+    gx_TxBxG = jnp.swapaxes(project(params, x_BxTxD), 0, 1)
+    carry = cell.zero_carry(batch, hidden, x_BxTxD.dtype)
+    scan_reverse = reverse and lengths_B is None
+
+    if lengths_B is None:
+
+        def body(carry, gx_BxG):
+            return cell.step(params, carry, gx_BxG)
+
+        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxG, reverse=scan_reverse)
+    else:
+        valid_TxB = jnp.arange(steps)[:, None] < lengths_B[None, :]
+
+        def body(carry, inputs):
+            gx_BxG, valid_B = inputs
+            new_carry, h_BxH = cell.step(params, carry, gx_BxG)
+            keep = valid_B[:, None]
+            new_carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_carry, carry)
+            return new_carry, jnp.where(keep, h_BxH, 0.0)
+
+        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxG, valid_TxB))
+    h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
+    if reverse and lengths_B is not None:
+        h_BxTxH = _reverse_within_lengths(h_BxTxH, lengths_B)
+    return carry, h_BxTxH
+
+
+def check_rank(x, rank: int, what: str, layout: str):
+    """Raises `ShapeError` unless `x` has `rank` dims (`layout` names them)."""
+    if x.ndim != rank:
+        raise ShapeError(f"expected {what} of rank {rank} {layout}, got shape {tuple(x.shape)}")

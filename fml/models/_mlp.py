@@ -1,0 +1,53 @@
+"""Multi-layer perceptron: `params = {"dense_0": {"w", "b"}, ..., "dense_{n-1}": ...}`."""
+
+from collections.abc import Sequence
+
+import jax
+
+from fml import layers
+from fml._model import Model
+from fml.errors import ConfigError
+from fml.models._common import flat_features, input_size, positive_int
+
+
+def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0) -> Model:
+    """A stack of dense layers on the flattened input; the last layer is linear.
+
+    Args:
+      widths: output width of each layer, e.g. `[128, 10]` for 784-128-10.
+      activation: between layers (see `fml.layers.ACTIVATIONS`).
+      dropout: probability of dropping each hidden unit in training.
+
+    Example:
+      >>> import jax, fml
+      >>> model = fml.models.mlp([128, 10])
+      >>> params = model.init(jax.random.key(0), (784,))
+      >>> model.apply(params, jax.numpy.ones((2, 784))).shape
+      (2, 10)
+    """
+    widths = [positive_int(w, "every width") for w in widths]
+    if not widths:
+        raise ConfigError("mlp needs at least one width (the output layer)")
+    act = layers.activation(activation)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"expected dropout rate in [0, 1), got {dropout}")
+    spec = {"family": "mlp", "widths": widths, "activation": activation, "dropout": float(dropout)}
+    names = [f"dense_{i}" for i in range(len(widths))]
+
+    def init(key, input_shape):
+        sizes = [input_size(input_shape), *widths]
+        keys = jax.random.split(key, len(widths))
+        return {
+            name: layers.dense_init(k, n_in, n_out)
+            for name, k, n_in, n_out in zip(names, keys, sizes[:-1], sizes[1:])
+        }
+
+    def apply(params, x, *, key=None, train=False):
+        h = flat_features(x, params[names[0]]["w"].shape[0], "mlp")
+        keys = jax.random.split(key, len(names)) if key is not None else [None] * len(names)
+        for name, k in zip(names[:-1], keys):
+            h = act(layers.dense(params[name], h))
+            h = layers.dropout(h, dropout, key=k, train=train)
+        return layers.dense(params[names[-1]], h)
+
+    return Model(init, apply, spec)

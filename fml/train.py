@@ -1,0 +1,439 @@
+"""Training: a pure `train_step(state, batch) -> (state, metrics)`, jitted once,
+optionally scanned over a whole epoch of on-device data, and `fit` around it.
+
+A batch is a dict `{"x": [B, ...], "y": [B, ...], "mask": [B]}`; the mask marks
+real examples (padding of a last partial batch has mask 0 and contributes
+nothing to the loss, gradients or metrics).
+"""
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fml import losses as losses_lib
+from fml import metrics as metrics_lib
+from fml import models as models_lib
+from fml._model import Model
+from fml.data import Dataset, check_arrays
+from fml.errors import ConfigError, ShapeError, TrainingError, unknown
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from step to step.
+
+    Attributes:
+      params: the model's params.
+      opt_state: the optax optimizer state (learning rate inside it, as data).
+      step: int32 scalar, number of steps taken.
+      key: PRNG key; step `s` uses `fold_in(key, s)` for dropout, so a restored
+        state continues with exactly the randomness it would have had.
+      hparams: per-run values the objective reads, as arrays (e.g. `{"l2": 0.0}`),
+        so changing them never recompiles.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+    hparams: dict
+
+
+# ------------------------------------------------------------------ optimizers
+
+OPTIMIZERS: dict[str, Callable] = {
+    "sgd": optax.sgd,
+    "momentum": functools.partial(optax.sgd, momentum=0.9),
+    "nesterov": functools.partial(optax.sgd, momentum=0.9, nesterov=True),
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "rmsprop": optax.rmsprop,
+    "adagrad": optax.adagrad,
+}
+FULL_BATCH_OPTIMIZERS = ("lbfgs",)
+
+
+def make_optimizer(optimizer="adam", learning_rate=1e-3, *, clip_norm: float | None = None,
+                   **kwargs) -> optax.GradientTransformationExtraArgs:
+    """An optax optimizer by name, its learning rate held in the state as data.
+
+    Args:
+      optimizer: a name in `OPTIMIZERS` or "lbfgs" (full-batch, with line search),
+        or an optax `GradientTransformation`, returned as is.
+      learning_rate: a float or an optax schedule `step -> lr`. Ignored by lbfgs
+        (its zoom line search picks the step).
+      clip_norm: clip gradients to this global norm first.
+      **kwargs: passed to the optax factory (e.g. `b1`, `weight_decay`).
+    """
+    if isinstance(optimizer, optax.GradientTransformation):
+        tx = optimizer
+    elif optimizer == "lbfgs":
+        tx = optax.lbfgs(**kwargs)
+    elif optimizer in OPTIMIZERS:
+        if not callable(learning_rate) and not learning_rate > 0:
+            raise ConfigError(f"expected learning_rate > 0, got {learning_rate}")
+        tx = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=learning_rate, **kwargs)
+    else:
+        raise unknown("optimizer", optimizer, [*OPTIMIZERS, *FULL_BATCH_OPTIMIZERS])
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return optax.with_extra_args_support(tx)
+
+
+# ------------------------------------------------------------------ objective
+
+
+class Objective(NamedTuple):
+    """What a step minimises: `mean(loss(apply(x), y))` over real examples
+    plus `hparams["l2"] * l2_penalty(params)`."""
+
+    loss: Callable
+    classify: bool
+
+
+def make_objective(model: Model, loss=None, task: str = "classification") -> Objective:
+    name = loss or models_lib.default_loss(model.spec, task)
+    return Objective(losses_lib.get(name), name != "mse")
+
+
+def _mask_like(mask_B, per_example):
+    return mask_B.reshape(mask_B.shape + (1,) * (per_example.ndim - 1)) * jnp.ones_like(per_example)
+
+
+def _batch_sums(model: Model, objective: Objective, params, batch, key, train: bool):
+    """Sums over the batch's real examples: loss, correct predictions, count."""
+    kwargs = {"lengths": batch["lengths"]} if "lengths" in batch else {}
+    outputs = model.apply(params, batch["x"], key=key, train=train, **kwargs)
+    per_example = objective.loss(outputs, batch["y"])
+    weight = _mask_like(batch["mask"].astype(per_example.dtype), per_example)
+    sums = {"loss": jnp.sum(per_example * weight), "count": jnp.sum(weight)}
+    if objective.classify:
+        correct = metrics_lib.predict_labels(outputs) == batch["y"]
+        sums["correct"] = jnp.sum(correct.reshape(weight.shape) * weight)
+    return sums
+
+
+def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name: str | None = None):
+    """The pure step `train_step(state, batch) -> (state, metrics)`.
+
+    With `axis_name`, the step runs per replica (under `shard_map` or `pmap`) and
+    the loss and gradient *sums* and example counts are `psum`med over that axis
+    before dividing, so the update equals the single-device one on the whole
+    global batch, padding included.
+    """
+
+    def reduce(tree):
+        return jax.lax.psum(tree, axis_name) if axis_name else tree
+
+    def data_loss(params, batch, key):
+        sums = _batch_sums(model, objective, params, batch, key, train=True)
+        return sums["loss"], sums
+
+    def objective_value(params, batch, hparams):
+        sums = reduce(_batch_sums(model, objective, params, batch, None, train=False))
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams["l2"] * losses_lib.l2_penalty(params)
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.key, state.step)
+        if axis_name:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        grads, sums = jax.grad(data_loss, has_aux=True)(state.params, batch, key)
+        grads, sums = reduce((grads, sums))
+        count = jnp.maximum(sums["count"], 1.0)
+        l2 = state.hparams["l2"]
+        penalty, penalty_grads = jax.value_and_grad(losses_lib.l2_penalty)(state.params)
+        grads = jax.tree.map(lambda g, pg: g / count + l2 * pg, grads, penalty_grads)
+        value = sums["loss"] / count + l2 * penalty
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, value=value, grad=grads,
+            value_fn=functools.partial(objective_value, batch=batch, hparams=state.hparams),
+        )
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": value, "count": sums["count"]}
+        if "correct" in sums:
+            metrics["accuracy"] = sums["correct"] / count
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return train_step
+
+
+def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
+    """One epoch as one program: `epoch(state, x, y, key) -> (state, metrics)`.
+
+    Shuffles the on-device arrays with `key`, then `lax.scan`s `train_step` over
+    the batches; per-step metrics come back stacked `[steps]`. The same batches,
+    in the same order, as `batches(...)` on the host.
+    """
+
+    def epoch(state, x, y, key):
+        index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
+
+        def body(state, inputs):
+            index_B, mask_B = inputs
+            return train_step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
+
+        return jax.lax.scan(body, state, (index_SxB, mask_SxB))
+
+    return epoch
+
+
+def epoch_indices(key, num_examples: int, batch_size: int, drop_remainder: bool = False):
+    """The example indices `[S, B]` and mask `[S, B]` of one shuffled epoch.
+
+    A last partial batch is dropped, or padded with index 0 and mask 0.
+    """
+    order = jax.random.permutation(key, num_examples)
+    steps = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+    if steps == 0:
+        raise ConfigError(f"batch_size {batch_size} with drop_remainder leaves no batch of "
+                          f"{num_examples} examples")
+    pad = steps * batch_size - num_examples
+    if pad > 0:
+        order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    order = order[: steps * batch_size]
+    mask = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
+    return order.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+# ------------------------------------------------------------------ state
+
+
+def init_state(model: Model, optimizer, input_shape, *, seed: int = 0, l2: float = 0.0) -> TrainState:
+    """A fresh `TrainState`: params from `model.init`, the optimizer's state."""
+    key = jax.random.key(seed)
+    init_key, run_key = jax.random.split(key)
+    params = model.init(init_key, tuple(input_shape))
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        key=run_key,
+        hparams={"l2": jnp.asarray(l2, jnp.float32)},
+    )
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_apply(apply):
+    return jax.jit(apply)
+
+
+def predict(model: Model, params, x, *, batch_size: int = 1024, **kwargs) -> np.ndarray:
+    """Model outputs for all of `x`, in fixed-size jitted batches (no recompiles)."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    size = min(batch_size, n)
+    apply = _jitted_apply(model.apply)
+    outputs = []
+    for start in range(0, n, size):
+        chunk = x[start:start + size]
+        real = chunk.shape[0]
+        if real < size:
+            chunk = np.concatenate([chunk, np.zeros((size - real, *x.shape[1:]), x.dtype)])
+        outputs.append(np.asarray(apply(params, chunk, **kwargs))[:real])
+    return np.concatenate(outputs)
+
+
+def evaluate(model: Model, params, x, y, *, loss=None, metric=None, task: str = "classification",
+             batch_size: int = 1024) -> dict:
+    """Loss and metric over a whole set: `{"loss": float, "accuracy" | "r2": float}`."""
+    objective = make_objective(model, loss, task)
+    metric = metric or ("accuracy" if objective.classify else "r2")
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    outputs = jnp.asarray(predict(model, params, x, batch_size=batch_size))
+    y = jnp.asarray(y)
+    return {
+        "loss": float(jnp.mean(objective.loss(outputs, y))),
+        metric_name: float(metrics_lib.get(metric)(outputs, y)),
+    }
+
+
+# ------------------------------------------------------------------ fit
+
+
+def _as_arrays(data, validation):
+    """(x, y, x_val, y_val, x_test, y_test, task) from a Dataset or an (x, y) pair."""
+    if isinstance(data, Dataset):
+        val = (data.x_val, data.y_val) if data.x_val is not None else (None, None)
+        if validation:
+            raise ConfigError("pass validation= to fml.data.load for a Dataset, not to fit")
+        return data.x_train, data.y_train, *val, data.x_test, data.y_test, data.task
+    if isinstance(data, tuple | list) and len(data) == 2:
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+        x_val = y_val = None
+        if validation:
+            if not 0.0 < validation < 1.0:
+                raise ConfigError(f"expected validation fraction in (0, 1), got {validation}")
+            cut = x.shape[0] - max(1, int(round(validation * x.shape[0])))
+            x, x_val, y, y_val = x[:cut], x[cut:], y[:cut], y[cut:]
+        return x, y, x_val, y_val, None, None, task
+    raise ConfigError(f"expected data as an fml.data.Dataset or an (x, y) tuple, got {type(data).__name__}")
+
+
+def num_outputs(model: Model, params) -> int:
+    """Width of the model's output layer, read off its params."""
+    last = list(params.values())[-1]
+    return int(last["w"].shape[-1])
+
+
+def _mean_metrics(step_metrics) -> dict:
+    """Example-weighted means of per-step metrics."""
+    counts = np.asarray(step_metrics["count"])
+    total = max(float(counts.sum()), 1.0)
+    return {k: float((np.asarray(v) * counts).sum() / total)
+            for k, v in step_metrics.items() if k != "count"}
+
+
+class History(dict):
+    """Per-epoch metrics: `history["train_loss"][epoch]`, `"val_accuracy"`, `"epoch_time"`...;
+    `history["test"]` holds the final test metrics when the data has a test split."""
+
+    def append(self, **values):
+        for k, v in values.items():
+            self.setdefault(k, []).append(v)
+
+
+def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int = 10,
+        batch_size: int = 32, seed: int = 0, loss=None, metric=None, l2: float | None = None,
+        validation: float = 0.0, patience: int | None = None, fused: bool = False,
+        drop_remainder: bool = False, clip_norm: float | None = None, quiet: bool = False,
+        state: TrainState | None = None, optimizer_kwargs: dict | None = None):
+    """Trains `model` on `data` with minibatch gradient descent.
+
+    Args:
+      model: a `Model`.
+      data: an `fml.data.Dataset` (its validation and test splits are used) or an
+        `(x, y)` pair of arrays.
+      optimizer: a name ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad",
+        "lbfgs" for full-batch convex fits) or an optax `GradientTransformation`.
+      learning_rate: a float or an optax schedule.
+      epochs: passes over the training data (for lbfgs, iterations).
+      batch_size: examples per step (lbfgs uses the full batch).
+      seed: seeds init, shuffling and dropout.
+      loss, metric: override the family's defaults (names or callables).
+      l2: coefficient of `0.5 * sum(w²)` in the objective; by default the family's
+        (`1 / (C n)` for the SVM, else 0).
+      validation: fraction of `(x, y)` held out for validation (arrays only).
+      patience: stop when validation loss has not improved for this many epochs,
+        and return the best epoch's params.
+      fused: run each epoch as one `lax.scan` over the data on the device.
+      drop_remainder: drop a last partial batch instead of padding it with a mask.
+      clip_norm: clip gradients to this global norm.
+      quiet: no progress bar.
+      state: continue from this `TrainState` instead of a fresh one.
+      optimizer_kwargs: extra arguments of the optax factory.
+
+    Returns:
+      `(state, history)`: the final `TrainState` and a `History` of per-epoch metrics.
+
+    Example:
+      >>> import fml
+      >>> data = fml.data.load("breast_cancer")
+      >>> model = fml.models.logistic_regression(2)
+      >>> state, history = fml.fit(model, data, epochs=5, quiet=True)
+      >>> history["test"]["accuracy"] > 0.9
+      True
+    """
+    x, y, x_val, y_val, x_test, y_test, task = _as_arrays(data, validation)
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
+    check_arrays(x, y, task=task, where="training data")
+    objective = make_objective(model, loss, task)
+    if objective.classify and task == "regression":
+        raise ConfigError(f"{model.family} with loss {loss or 'default'} needs integer class "
+                          "labels, got float targets")
+    full_batch = optimizer in FULL_BATCH_OPTIMIZERS
+    batch_size = x.shape[0] if full_batch else batch_size
+    if batch_size > x.shape[0] and drop_remainder:
+        raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
+    tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
+    if l2 is None:
+        l2 = models_lib.l2_strength(model.spec, x.shape[0])
+    if state is None:
+        state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
+    else:
+        state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
+    expected = num_outputs(model, state.params) if objective.classify else None
+    check_arrays(x, y, task=task, num_outputs=expected, where="training data")
+    for name, (xs, ys) in {"validation data": (x_val, y_val), "test data": (x_test, y_test)}.items():
+        if xs is not None:
+            check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
+            if xs.shape[1:] != x.shape[1:]:
+                raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
+
+    train_step = make_train_step(model, objective, tx)
+    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
+    if fused:
+        run_epoch = jax.jit(make_epoch(train_step, batch_size=batch_size,
+                                       drop_remainder=drop_remainder), donate_argnums=0)
+        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+    else:
+        step = jax.jit(train_step, donate_argnums=0)
+
+    history = History()
+    best = (math.inf, None, -1)
+    start_epoch = int(state.step) // max(1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder))
+    bar = _progress(range(start_epoch, start_epoch + epochs), quiet)
+    for epoch in bar:
+        started = time.perf_counter()
+        epoch_key = jax.random.fold_in(shuffle_key, epoch)
+        if fused:
+            state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
+        else:
+            state, step_metrics = _host_epoch(step, state, x, y, epoch_key, batch_size, drop_remainder)
+        train = _mean_metrics(jax.device_get(step_metrics))
+        if not math.isfinite(train["loss"]):
+            raise TrainingError(f"loss became {train['loss']} in epoch {epoch} (step "
+                                f"{int(state.step)}); lower the learning rate or set clip_norm")
+        history.append(epoch=epoch, epoch_time=time.perf_counter() - started,
+                       **{f"train_{k}": v for k, v in train.items()})
+        if x_val is not None:
+            val = evaluate(model, state.params, x_val, y_val, loss=loss, metric=metric, task=task)
+            history.append(**{f"val_{k}": v for k, v in val.items()})
+            if val["loss"] < best[0]:
+                best = (val["loss"], jax.device_get(state.params), epoch)
+            elif patience is not None and epoch - best[2] >= patience:
+                break
+        if not quiet:
+            bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in history.items()
+                             if k.startswith(("train_", "val_"))})
+    if patience is not None and best[1] is not None:
+        state = state._replace(params=jax.device_put(best[1]))
+        history["best_epoch"] = best[2]
+    if x_test is not None:
+        history["test"] = evaluate(model, state.params, x_test, y_test, loss=loss, metric=metric,
+                                   task=task)
+    return state, history
+
+
+def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
+    return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def _host_epoch(step, state, x, y, key, batch_size, drop_remainder):
+    """One epoch of jitted steps fed from host arrays; the same batches as `make_epoch`."""
+    index_SxB, mask_SxB = jax.device_get(epoch_indices(key, x.shape[0], batch_size, drop_remainder))
+    per_step = []
+    for index_B, mask_B in zip(index_SxB, mask_SxB):
+        state, m = step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
+        per_step.append(m)
+    return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
+
+
+def _progress(epochs, quiet):
+    if quiet:
+        return epochs
+    from tqdm.auto import tqdm
+
+    return tqdm(epochs, desc="epochs", leave=False)
