@@ -18,6 +18,17 @@ from fml.train import TrainState, evaluate, fit, predict
 __version__ = "0.1.0"
 
 __all__ = [
-    "FmlError", "Model", "TrainState", "data", "errors", "evaluate", "fit", "layers", "losses",
-    "metrics", "models", "predict", "train",
+    "FmlError",
+    "Model",
+    "TrainState",
+    "data",
+    "errors",
+    "evaluate",
+    "fit",
+    "layers",
+    "losses",
+    "metrics",
+    "models",
+    "predict",
+    "train",
 ]

@@ -60,39 +60,102 @@ def main_rows(quick: bool = False) -> list[Row]:
     diabetes = data_lib.load("diabetes")
     paper = "MNIST-1D paper"
     rows = [
-        _fit_row("logistic_regression", mnist1d, models.logistic_regression(10),
-                 MNIST1D_PAPER["logistic_regression"], paper, epochs=epochs(30), batch_size=100,
-                 learning_rate=1e-2, fused=True),
-        _fit_row("mlp", mnist1d, presets.mnist1d_mlp(), MNIST1D_PAPER["mlp"], paper,
-                 epochs=epochs(30), batch_size=100, learning_rate=1e-3, fused=True),
-        _fit_row("cnn", mnist1d, presets.mnist1d_cnn(), MNIST1D_PAPER["cnn"], paper,
-                 epochs=epochs(15), batch_size=100, learning_rate=2e-3),
-        _fit_row("rnn (gru)", mnist1d, presets.mnist1d_gru(), MNIST1D_PAPER["gru"], paper,
-                 epochs=epochs(30), batch_size=100, learning_rate=3e-3, fused=True),
+        _fit_row(
+            "logistic_regression",
+            mnist1d,
+            models.logistic_regression(10),
+            MNIST1D_PAPER["logistic_regression"],
+            paper,
+            epochs=epochs(30),
+            batch_size=100,
+            learning_rate=1e-2,
+            fused=True,
+        ),
+        _fit_row(
+            "mlp",
+            mnist1d,
+            presets.mnist1d_mlp(),
+            MNIST1D_PAPER["mlp"],
+            paper,
+            epochs=epochs(30),
+            batch_size=100,
+            learning_rate=1e-3,
+            fused=True,
+        ),
+        _fit_row(
+            "cnn",
+            mnist1d,
+            presets.mnist1d_cnn(),
+            MNIST1D_PAPER["cnn"],
+            paper,
+            epochs=epochs(15),
+            batch_size=100,
+            learning_rate=2e-3,
+        ),
+        _fit_row(
+            "rnn (gru)",
+            mnist1d,
+            presets.mnist1d_gru(),
+            MNIST1D_PAPER["gru"],
+            paper,
+            epochs=epochs(30),
+            batch_size=100,
+            learning_rate=3e-3,
+            fused=True,
+        ),
     ]
     for family, model, estimator, name in [
         ("svm", models.svm(2), LinearSVC(C=1.0), "sklearn LinearSVC"),
-        ("logistic_regression", models.logistic_regression(2), LogisticRegression(), "sklearn LogisticRegression"),
+        (
+            "logistic_regression",
+            models.logistic_regression(2),
+            LogisticRegression(),
+            "sklearn LogisticRegression",
+        ),
     ]:
         reference = _sklearn_reference(estimator, cancer, "accuracy")
-        rows.append(_fit_row(family, cancer, model, reference, name, epochs=epochs(50),
-                             batch_size=32, learning_rate=1e-2, fused=True))
+        rows.append(
+            _fit_row(
+                family,
+                cancer,
+                model,
+                reference,
+                name,
+                epochs=epochs(50),
+                batch_size=32,
+                learning_rate=1e-2,
+                fused=True,
+            )
+        )
     reference = _sklearn_reference(LinearRegression(), diabetes, "r2")
     started = time.perf_counter()
     model = models.linear_regression()
     params = models.least_squares(model, diabetes.x_train, diabetes.y_train)
     r2 = evaluate(model, params, diabetes.x_test, diabetes.y_test, task="regression")["r2"]
-    rows.append(Row("linear_regression (closed form)", "diabetes", "r2", r2, reference,
-                    "sklearn LinearRegression", time.perf_counter() - started))
+    rows.append(
+        Row(
+            "linear_regression (closed form)",
+            "diabetes",
+            "r2",
+            r2,
+            reference,
+            "sklearn LinearRegression",
+            time.perf_counter() - started,
+        )
+    )
     return rows
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| family | data set | metric | fml | reference | reference source | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| family | data set | metric | fml | reference | reference source | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r.family} | {r.dataset} | {r.metric} | {r.value:.4f} | "
-                     f"{r.reference:.4f} | {r.reference_source} | {r.seconds:.1f} |")
+        lines.append(
+            f"| {r.family} | {r.dataset} | {r.metric} | {r.value:.4f} | "
+            f"{r.reference:.4f} | {r.reference_source} | {r.seconds:.1f} |"
+        )
     return "\n".join(lines)
 
 

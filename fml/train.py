@@ -59,8 +59,9 @@ OPTIMIZERS: dict[str, Callable] = {
 FULL_BATCH_OPTIMIZERS = ("lbfgs",)
 
 
-def make_optimizer(optimizer="adam", learning_rate=1e-3, *, clip_norm: float | None = None,
-                   **kwargs) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(
+    optimizer="adam", learning_rate=1e-3, *, clip_norm: float | None = None, **kwargs
+) -> optax.GradientTransformationExtraArgs:
     """An optax optimizer by name, its learning rate held in the state as data.
 
     Args:
@@ -137,7 +138,9 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
 
     def objective_value(params, batch, hparams):
         sums = reduce(_batch_sums(model, objective, params, batch, None, train=False))
-        return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams["l2"] * losses_lib.l2_penalty(params)
+        return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams[
+            "l2"
+        ] * losses_lib.l2_penalty(params)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
@@ -151,7 +154,11 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
         grads = jax.tree.map(lambda g, pg: g / count + l2 * pg, grads, penalty_grads)
         value = sums["loss"] / count + l2 * penalty
         updates, opt_state = optimizer.update(
-            grads, state.opt_state, state.params, value=value, grad=grads,
+            grads,
+            state.opt_state,
+            state.params,
+            value=value,
+            grad=grads,
             value_fn=functools.partial(objective_value, batch=batch, hparams=state.hparams),
         )
         params = optax.apply_updates(state.params, updates)
@@ -191,8 +198,10 @@ def epoch_indices(key, num_examples: int, batch_size: int, drop_remainder: bool 
     order = jax.random.permutation(key, num_examples)
     steps = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
     if steps == 0:
-        raise ConfigError(f"batch_size {batch_size} with drop_remainder leaves no batch of "
-                          f"{num_examples} examples")
+        raise ConfigError(
+            f"batch_size {batch_size} with drop_remainder leaves no batch of "
+            f"{num_examples} examples"
+        )
     pad = steps * batch_size - num_examples
     if pad > 0:
         order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
@@ -204,7 +213,9 @@ def epoch_indices(key, num_examples: int, batch_size: int, drop_remainder: bool 
 # ------------------------------------------------------------------ state
 
 
-def init_state(model: Model, optimizer, input_shape, *, seed: int = 0, l2: float = 0.0) -> TrainState:
+def init_state(
+    model: Model, optimizer, input_shape, *, seed: int = 0, l2: float = 0.0
+) -> TrainState:
     """A fresh `TrainState`: params from `model.init`, the optimizer's state."""
     key = jax.random.key(seed)
     init_key, run_key = jax.random.split(key)
@@ -234,7 +245,7 @@ def predict(model: Model, params, x, *, batch_size: int = 1024, **kwargs) -> np.
     apply = _jitted_apply(model.apply)
     outputs = []
     for start in range(0, n, size):
-        chunk = x[start:start + size]
+        chunk = x[start : start + size]
         real = chunk.shape[0]
         if real < size:
             chunk = np.concatenate([chunk, np.zeros((size - real, *x.shape[1:]), x.dtype)])
@@ -242,8 +253,17 @@ def predict(model: Model, params, x, *, batch_size: int = 1024, **kwargs) -> np.
     return np.concatenate(outputs)
 
 
-def evaluate(model: Model, params, x, y, *, loss=None, metric=None, task: str = "classification",
-             batch_size: int = 1024) -> dict:
+def evaluate(
+    model: Model,
+    params,
+    x,
+    y,
+    *,
+    loss=None,
+    metric=None,
+    task: str = "classification",
+    batch_size: int = 1024,
+) -> dict:
     """Loss and metric over a whole set: `{"loss": float, "accuracy" | "r2": float}`."""
     objective = make_objective(model, loss, task)
     metric = metric or ("accuracy" if objective.classify else "r2")
@@ -276,7 +296,9 @@ def _as_arrays(data, validation):
             cut = x.shape[0] - max(1, int(round(validation * x.shape[0])))
             x, x_val, y, y_val = x[:cut], x[cut:], y[:cut], y[cut:]
         return x, y, x_val, y_val, None, None, task
-    raise ConfigError(f"expected data as an fml.data.Dataset or an (x, y) tuple, got {type(data).__name__}")
+    raise ConfigError(
+        f"expected data as an fml.data.Dataset or an (x, y) tuple, got {type(data).__name__}"
+    )
 
 
 def num_outputs(model: Model, params) -> int:
@@ -289,8 +311,11 @@ def _mean_metrics(step_metrics) -> dict:
     """Example-weighted means of per-step metrics."""
     counts = np.asarray(step_metrics["count"])
     total = max(float(counts.sum()), 1.0)
-    return {k: float((np.asarray(v) * counts).sum() / total)
-            for k, v in step_metrics.items() if k != "count"}
+    return {
+        k: float((np.asarray(v) * counts).sum() / total)
+        for k, v in step_metrics.items()
+        if k != "count"
+    }
 
 
 class History(dict):
@@ -302,11 +327,27 @@ class History(dict):
             self.setdefault(k, []).append(v)
 
 
-def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int = 10,
-        batch_size: int = 32, seed: int = 0, loss=None, metric=None, l2: float | None = None,
-        validation: float = 0.0, patience: int | None = None, fused: bool = False,
-        drop_remainder: bool = False, clip_norm: float | None = None, quiet: bool = False,
-        state: TrainState | None = None, optimizer_kwargs: dict | None = None):
+def fit(
+    model: Model,
+    data,
+    *,
+    optimizer="adam",
+    learning_rate=1e-3,
+    epochs: int = 10,
+    batch_size: int = 32,
+    seed: int = 0,
+    loss=None,
+    metric=None,
+    l2: float | None = None,
+    validation: float = 0.0,
+    patience: int | None = None,
+    fused: bool = False,
+    drop_remainder: bool = False,
+    clip_norm: float | None = None,
+    quiet: bool = False,
+    state: TrainState | None = None,
+    optimizer_kwargs: dict | None = None,
+):
     """Trains `model` on `data` with minibatch gradient descent.
 
     Args:
@@ -351,8 +392,10 @@ def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int
     check_arrays(x, y, task=task, where="training data")
     objective = make_objective(model, loss, task)
     if objective.classify and task == "regression":
-        raise ConfigError(f"{model.family} with loss {loss or 'default'} needs integer class "
-                          "labels, got float targets")
+        raise ConfigError(
+            f"{model.family} with loss {loss or 'default'} needs integer class "
+            "labels, got float targets"
+        )
     full_batch = optimizer in FULL_BATCH_OPTIMIZERS
     batch_size = x.shape[0] if full_batch else batch_size
     if batch_size > x.shape[0] and drop_remainder:
@@ -366,7 +409,10 @@ def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
     expected = num_outputs(model, state.params) if objective.classify else None
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
-    for name, (xs, ys) in {"validation data": (x_val, y_val), "test data": (x_test, y_test)}.items():
+    for name, (xs, ys) in {
+        "validation data": (x_val, y_val),
+        "test data": (x_test, y_test),
+    }.items():
         if xs is not None:
             check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
             if xs.shape[1:] != x.shape[1:]:
@@ -375,15 +421,19 @@ def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int
     train_step = make_train_step(model, objective, tx)
     shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
     if fused:
-        run_epoch = jax.jit(make_epoch(train_step, batch_size=batch_size,
-                                       drop_remainder=drop_remainder), donate_argnums=0)
+        run_epoch = jax.jit(
+            make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
+            donate_argnums=0,
+        )
         x_dev, y_dev = jax.device_put(x), jax.device_put(y)
     else:
         step = jax.jit(train_step, donate_argnums=0)
 
     history = History()
     best = (math.inf, None, -1)
-    start_epoch = int(state.step) // max(1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder))
+    start_epoch = int(state.step) // max(
+        1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    )
     bar = _progress(range(start_epoch, start_epoch + epochs), quiet)
     for epoch in bar:
         started = time.perf_counter()
@@ -391,13 +441,20 @@ def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int
         if fused:
             state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
         else:
-            state, step_metrics = _host_epoch(step, state, x, y, epoch_key, batch_size, drop_remainder)
+            state, step_metrics = _host_epoch(
+                step, state, x, y, epoch_key, batch_size, drop_remainder
+            )
         train = _mean_metrics(jax.device_get(step_metrics))
         if not math.isfinite(train["loss"]):
-            raise TrainingError(f"loss became {train['loss']} in epoch {epoch} (step "
-                                f"{int(state.step)}); lower the learning rate or set clip_norm")
-        history.append(epoch=epoch, epoch_time=time.perf_counter() - started,
-                       **{f"train_{k}": v for k, v in train.items()})
+            raise TrainingError(
+                f"loss became {train['loss']} in epoch {epoch} (step "
+                f"{int(state.step)}); lower the learning rate or set clip_norm"
+            )
+        history.append(
+            epoch=epoch,
+            epoch_time=time.perf_counter() - started,
+            **{f"train_{k}": v for k, v in train.items()},
+        )
         if x_val is not None:
             val = evaluate(model, state.params, x_val, y_val, loss=loss, metric=metric, task=task)
             history.append(**{f"val_{k}": v for k, v in val.items()})
@@ -406,14 +463,16 @@ def fit(model: Model, data, *, optimizer="adam", learning_rate=1e-3, epochs: int
             elif patience is not None and epoch - best[2] >= patience:
                 break
         if not quiet:
-            bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in history.items()
-                             if k.startswith(("train_", "val_"))})
+            bar.set_postfix(
+                {k: f"{v[-1]:.4f}" for k, v in history.items() if k.startswith(("train_", "val_"))}
+            )
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]
     if x_test is not None:
-        history["test"] = evaluate(model, state.params, x_test, y_test, loss=loss, metric=metric,
-                                   task=task)
+        history["test"] = evaluate(
+            model, state.params, x_test, y_test, loss=loss, metric=metric, task=task
+        )
     return state, history
 
 

@@ -35,9 +35,11 @@ class Dataset:
 
     def __repr__(self) -> str:
         val = f", val={len(self.x_val)}" if self.x_val is not None else ""
-        return (f"Dataset({self.name!r}, {self.task}, train={len(self.x_train)}{val}, "
-                f"test={len(self.x_test)}, input_shape={self.input_shape}, "
-                f"num_classes={self.num_classes})")
+        return (
+            f"Dataset({self.name!r}, {self.task}, train={len(self.x_train)}{val}, "
+            f"test={len(self.x_test)}, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes})"
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,7 +54,10 @@ def _mnist1d_arrays(shuffle_seq: bool):
 
 def _mnist1d(shuffle_seq: bool = False):
     x, y, x_test, y_test = _mnist1d_arrays(shuffle_seq)
-    info = {"source": "mnist1d.make_dataset(get_dataset_args()), seed 42", "shuffle_seq": shuffle_seq}
+    info = {
+        "source": "mnist1d.make_dataset(get_dataset_args()), seed 42",
+        "shuffle_seq": shuffle_seq,
+    }
     return x[..., None], y, x_test[..., None], y_test, "classification", 10, info
 
 
@@ -90,12 +95,14 @@ _STANDARDIZE_BY_DEFAULT = {"breast_cancer", "iris", "wine", "diabetes"}
 def _split_validation(x, y, fraction: float, seed: int, stratify: bool):
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(x, y, test_size=fraction, random_state=seed,
-                            stratify=y if stratify else None)
+    return train_test_split(
+        x, y, test_size=fraction, random_state=seed, stratify=y if stratify else None
+    )
 
 
-def load_embedded(name: str, *, validation: float = 0.0, standardize: bool | None = None,
-                  seed: int = 0) -> Dataset:
+def load_embedded(
+    name: str, *, validation: float = 0.0, standardize: bool | None = None, seed: int = 0
+) -> Dataset:
     """Loads an embedded data set (see `EMBEDDED`); see `fml.data.load`."""
     if name not in EMBEDDED:
         raise unknown("data set", name, EMBEDDED)
@@ -136,7 +143,9 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
     if not np.issubdtype(x.dtype, np.floating):
         raise DTypeError(f"{where}: expected floating-point x, got dtype {x.dtype}")
     if y.shape[:1] != x.shape[:1]:
-        raise ShapeError(f"{where}: expected y with {x.shape[0]} rows like x, got y of shape {y.shape}")
+        raise ShapeError(
+            f"{where}: expected y with {x.shape[0]} rows like x, got y of shape {y.shape}"
+        )
     if not np.isfinite(x).all():
         bad = int(np.size(x) - np.isfinite(x).sum())
         raise DataError(f"{where}: x must be finite, found {bad} NaN/inf values")
@@ -147,8 +156,9 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
             raise ShapeError(f"{where}: expected labels of shape (N,) (or (N, T)), got {y.shape}")
         classes = 2 if num_outputs == 1 else num_outputs
         if classes is not None and (y.min() < 0 or y.max() >= classes):
-            raise DataError(f"{where}: expected labels in [0, {classes - 1}], got range "
-                            f"[{y.min()}, {y.max()}]")
+            raise DataError(
+                f"{where}: expected labels in [0, {classes - 1}], got range [{y.min()}, {y.max()}]"
+            )
     elif not np.isfinite(y).all():
         raise DataError(f"{where}: regression targets must be finite, found NaN/inf")
     return x, y

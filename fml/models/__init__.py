@@ -50,7 +50,7 @@ def default_loss(spec: dict, task: str = "classification") -> str:
 
 
 def default_metric(spec: dict, task: str = "classification") -> str:
-    """"r2" for regression, "accuracy" for classification."""
+    """ "r2" for regression, "accuracy" for classification."""
     return "r2" if default_loss(spec, task) == "mse" else "accuracy"
 
 
@@ -63,7 +63,23 @@ def l2_strength(spec: dict, num_train: int) -> float:
 
 
 __all__ = [
-    "FAMILIES", "Model", "avg_pool", "cnn", "conv", "default_loss", "default_metric", "dense",
-    "dropout", "flatten", "from_spec", "l2_strength", "least_squares", "linear_regression",
-    "logistic_regression", "max_pool", "mlp", "rnn", "svm",
+    "FAMILIES",
+    "Model",
+    "avg_pool",
+    "cnn",
+    "conv",
+    "default_loss",
+    "default_metric",
+    "dense",
+    "dropout",
+    "flatten",
+    "from_spec",
+    "l2_strength",
+    "least_squares",
+    "linear_regression",
+    "logistic_regression",
+    "max_pool",
+    "mlp",
+    "rnn",
+    "svm",
 ]

@@ -17,13 +17,25 @@ from fml.errors import ConfigError, ShapeError, unknown
 from fml.models._common import check_float_input, positive_int
 
 
-def conv(features: int, kernel: int | Sequence[int] = 3, *, stride: int | Sequence[int] = 1,
-         padding: layers.Padding = "SAME", activation: str | None = "relu") -> dict:
+def conv(
+    features: int,
+    kernel: int | Sequence[int] = 3,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: layers.Padding = "SAME",
+    activation: str | None = "relu",
+) -> dict:
     """A convolution layer spec; `padding` is "SAME", "VALID" or an int per side."""
     if isinstance(padding, list | tuple):
         padding = [list(p) for p in padding]
-    return {"type": "conv", "features": features, "kernel": kernel, "stride": stride,
-            "padding": padding, "activation": activation}
+    return {
+        "type": "conv",
+        "features": features,
+        "kernel": kernel,
+        "stride": stride,
+        "padding": padding,
+        "activation": activation,
+    }
 
 
 def max_pool(window: int | Sequence[int] = 2, *, stride=None, padding: str = "VALID") -> dict:
@@ -143,8 +155,9 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
             p = _init_layer(layer, k, tuple(x.shape[1:]))
             if p is not None:
                 params[name] = p
-            x = jax.eval_shape(lambda x, p=p, layer=layer: _apply_layer(
-                layer, p, x, key=None, train=False), x)
+            x = jax.eval_shape(
+                lambda x, p=p, layer=layer: _apply_layer(layer, p, x, key=None, train=False), x
+            )
         return params
 
     def apply(params, x, *, key=None, train=False):

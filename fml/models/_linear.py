@@ -104,7 +104,9 @@ def least_squares(model: Model, x, y, *, l2: float = 0.0) -> dict:
     y2 = y.reshape(y.shape[0], -1)
     outputs = model.spec["outputs"]
     if y2.shape != (x.shape[0], outputs):
-        raise ShapeError(f"least_squares: expected y of shape ({x.shape[0]}, {outputs}), got {y.shape}")
+        raise ShapeError(
+            f"least_squares: expected y of shape ({x.shape[0]}, {outputs}), got {y.shape}"
+        )
     if not (np.isfinite(x).all() and np.isfinite(y2).all()):
         raise DataError("least_squares: x and y must be finite (found NaN or inf)")
     if l2 < 0:
@@ -118,4 +120,3 @@ def least_squares(model: Model, x, y, *, l2: float = 0.0) -> dict:
     w = np.linalg.lstsq(xc, yc, rcond=None)[0]
     b = y_mean - x_mean @ w
     return {"dense": {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}}
-

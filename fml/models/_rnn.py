@@ -29,8 +29,15 @@ def _check_lengths(lengths, x):
     return lengths
 
 
-def rnn(cell: str, hidden: int, *, layers: int = 1, bidirectional: bool = False,
-        return_sequences: bool = False, num_classes: int | None = None) -> Model:
+def rnn(
+    cell: str,
+    hidden: int,
+    *,
+    layers: int = 1,
+    bidirectional: bool = False,
+    return_sequences: bool = False,
+    num_classes: int | None = None,
+) -> Model:
     """A (stacked, optionally bidirectional) recurrent network, one `lax.scan` per layer.
 
     Args:
@@ -60,9 +67,15 @@ def rnn(cell: str, hidden: int, *, layers: int = 1, bidirectional: bool = False,
     positive_int(layers, "layers")
     if num_classes is not None:
         positive_int(num_classes, "num_classes")
-    spec = {"family": "rnn", "cell": cell, "hidden": hidden, "layers": layers,
-            "bidirectional": bool(bidirectional), "return_sequences": bool(return_sequences),
-            "num_classes": num_classes}
+    spec = {
+        "family": "rnn",
+        "cell": cell,
+        "hidden": hidden,
+        "layers": layers,
+        "bidirectional": bool(bidirectional),
+        "return_sequences": bool(return_sequences),
+        "num_classes": num_classes,
+    }
     names = _layer_names(layers, bidirectional)
     directions = len(names[0])
 
@@ -104,4 +117,3 @@ def rnn(cell: str, hidden: int, *, layers: int = 1, bidirectional: bool = False,
         return y
 
     return Model(init, apply, spec)
-

@@ -13,8 +13,10 @@ def mnist_cnn(num_classes: int = 10):
 def cifar_cnn(num_classes: int = 10):
     """The seed CIFAR-style net: Conv 3->32 and 32->64 (3x3, padding 1), each followed
     by MaxPool 2, then Dense 128 -> Dense 10."""
-    return cnn([conv(32, 3, padding=1), max_pool(2), conv(64, 3, padding=1), max_pool(2),
-                dense(128)], num_classes)
+    return cnn(
+        [conv(32, 3, padding=1), max_pool(2), conv(64, 3, padding=1), max_pool(2), dense(128)],
+        num_classes,
+    )
 
 
 def mnist1d_mlp(num_classes: int = 10):
@@ -24,8 +26,9 @@ def mnist1d_mlp(num_classes: int = 10):
 
 def mnist1d_cnn(num_classes: int = 10):
     """MNIST-1D 1D CNN: three 5-wide conv layers of 32 channels, two 2x max-pools."""
-    return cnn([conv(32, 5), max_pool(2), conv(32, 5), max_pool(2), conv(32, 5),
-                dense(128)], num_classes)
+    return cnn(
+        [conv(32, 5), max_pool(2), conv(32, 5), max_pool(2), conv(32, 5), dense(128)], num_classes
+    )
 
 
 def mnist1d_gru(num_classes: int = 10):
