@@ -1,0 +1,5 @@
+import sys
+
+from fml.cli import main
+
+sys.exit(main())

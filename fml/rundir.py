@@ -1,0 +1,145 @@
+"""The run directory every trainer writes and every reader (eval, export,
+restore) reads. Layout:
+
+  RUN_DIR/
+    config.json    how the run was made: family, dataset, input_shape, task,
+                   optimizer, learning_rate, epochs, batch_size, seed, ...
+    spec.json      the model spec (`fml.models.from_spec` rebuilds the model)
+    params.npz     final params, nested keys joined with "/" ("dense_0/w")
+    history.json   per-epoch metrics (and "test" at the end)
+    history.csv    the per-epoch metrics as a table
+    curves.png     learning curves (written by `fml.plots`, when available)
+
+Every file is written to a temporary name and renamed into place, so a crash
+never leaves a half-written file where a good one was.
+"""
+
+import csv
+import io
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+
+from fml import models
+from fml.errors import CheckpointError
+
+SEPARATOR = "/"
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Writes `data` to `path` via a temporary file in the same directory and a rename."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
+    """`{"a": {"b": x}}` -> `{"a/b": x}` as numpy arrays."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{SEPARATOR}{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, name))
+        else:
+            flat[name] = np.asarray(jax.device_get(value))
+    return flat
+
+
+def unflatten_params(flat: dict) -> dict:
+    """The inverse of `flatten_params`."""
+    params: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(SEPARATOR)
+        node = params
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return params
+
+
+def save_params(path, params) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **flatten_params(params))
+    atomic_write(path, buffer.getvalue())
+
+
+def load_params(path) -> dict:
+    """Params from an `.npz` written by `save_params` (no pickles are loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return unflatten_params({k: f[k] for k in f.files})
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no params file at {path}") from e
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"params file {path} is corrupt or truncated: {e}") from e
+
+
+def _write_json(path, value) -> None:
+    atomic_write(path, (json.dumps(value, indent=2, sort_keys=True, default=float) + "\n").encode())
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(
+            f"missing {pathlib.Path(path).name} in run directory {path.parent}"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def history_csv(history: dict) -> str:
+    """The per-epoch lists of `history` as CSV (one row per epoch)."""
+    columns = [k for k, v in history.items() if isinstance(v, list)]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in zip(*(history[c] for c in columns)):
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def save_run(run_dir, *, model, params, config: dict, history: dict | None = None) -> pathlib.Path:
+    """Writes a run directory (see the module docstring); returns its path."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "spec.json", model.spec)
+    _write_json(run_dir / "config.json", config)
+    save_params(run_dir / "params.npz", params)
+    if history is not None:
+        _write_json(run_dir / "history.json", dict(history))
+        atomic_write(run_dir / "history.csv", history_csv(history).encode())
+    return run_dir
+
+
+def load_run(run_dir):
+    """`(model, params, config)` from a run directory, with no user code."""
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    spec = _read_json(run_dir / "spec.json")
+    config = _read_json(run_dir / "config.json")
+    model = models.from_spec(spec)
+    params = load_params(run_dir / "params.npz")
+    expected = jax.eval_shape(model.init, jax.random.key(0), tuple(config["input_shape"]))
+    got = jax.tree.map(np.shape, params)
+    if jax.tree.map(lambda s: tuple(s.shape), expected) != got:
+        raise CheckpointError(
+            f"params in {run_dir} do not match the model spec: expected shapes "
+            f"{jax.tree.map(lambda s: tuple(s.shape), expected)}, got {got}"
+        )
+    return model, jax.tree.map(jax.numpy.asarray, params), config
