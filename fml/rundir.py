@@ -135,7 +135,8 @@ def load_run(run_dir):
     config = _read_json(run_dir / "config.json")
     model = models.from_spec(spec)
     params = load_params(run_dir / "params.npz")
-    expected = jax.eval_shape(model.init, jax.random.key(0), tuple(config["input_shape"]))
+    input_shape = tuple(config["input_shape"])
+    expected = jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.key(0))
     got = jax.tree.map(np.shape, params)
     if jax.tree.map(lambda s: tuple(s.shape), expected) != got:
         raise CheckpointError(
