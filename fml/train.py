@@ -222,7 +222,9 @@ def init_state(
     params = model.init(init_key, tuple(input_shape))
     return TrainState(
         params=params,
-        opt_state=optimizer.init(params),
+        # Copied leaf by leaf: some optimizers (lbfgs) alias one buffer twice in
+        # their initial state, which donation would reject.
+        opt_state=jax.tree.map(jnp.copy, optimizer.init(params)),
         step=jnp.zeros((), jnp.int32),
         key=run_key,
         hparams={"l2": jnp.asarray(l2, jnp.float32)},
