@@ -446,16 +446,14 @@ def fit(
 
     train_step = make_train_step(model, objective, tx)
     shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
-    # lbfgs's state holds buffers that alias each other (XLA refuses to donate them twice).
-    donate = () if full_batch else 0
     if fused:
         run_epoch = jax.jit(
             make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
-            donate_argnums=donate,
+            donate_argnums=0,
         )
         x_dev, y_dev = jax.device_put(x), jax.device_put(y)
     else:
-        step = jax.jit(train_step, donate_argnums=donate)
+        step = jax.jit(train_step, donate_argnums=0)
 
     history = History()
     best = (math.inf, None, -1)

@@ -75,7 +75,7 @@ def mnist1d_rows(tmp_path_factory):
     rows = []
     for entry in report.ENTRIES:
         scale, _ = REDUCED[entry.label]
-        rows += report.table_rows(out, [entry], seeds=(0,), scale=scale, log=lambda *_: None)
+        rows += report.table_rows(out, [entry], seeds=(0,), scale=scale)
     return out, rows
 
 
