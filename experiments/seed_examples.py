@@ -6,19 +6,7 @@ the embedded digits set (the table says which).
     python experiments/seed_examples.py [--out runs/seed_examples] [--scale 1.0]
 """
 
-import argparse
-
-from fml import seed_examples
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/seed_examples")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every epoch budget")
-    args = parser.parse_args()
-    _, path = seed_examples.seed_table(args.out, scale=args.scale)
-    print(f"\ntable written to {path}; run directories under {args.out}/")
-
+from fml import experiment, seed_examples
 
 if __name__ == "__main__":
-    main()
+    experiment.script_main(__doc__, "runs/seed_examples", seed_examples.seed_table)

@@ -25,7 +25,7 @@ import numpy as np
 
 from fml import data as data_lib
 from fml import plots, rundir
-from fml.errors import ConfigError, FmlError, unknown
+from fml.errors import ConfigError, FmlError
 from fml.models import presets
 from fml.train import evaluate, fit
 
@@ -99,7 +99,7 @@ def make_config(family: str, dataset: str, **overrides) -> dict:
         )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cell = overrides.get("cell", "gru")
-    recipe = presets.recipe(family, _data_kind(dataset), cell=cell)
+    recipe = presets.recipe(family, dataset, cell=cell)
     config = {
         "family": family,
         "dataset": dataset,
@@ -117,11 +117,6 @@ def make_config(family: str, dataset: str, **overrides) -> dict:
     if not 0.0 <= config["validation"] < 1.0:
         raise ConfigError(f"expected validation fraction in [0, 1), got {config['validation']}")
     return config
-
-
-def _data_kind(dataset: str) -> str:
-    """The recipe key of a data set: the fallback's kind for a named set."""
-    return dataset if dataset in presets.DATA_KINDS else FALLBACKS.get(dataset, dataset)
 
 
 def load_data(config: dict, *, log=print):
@@ -142,11 +137,11 @@ def load_data(config: dict, *, log=print):
 
 
 def build_model(config: dict, dataset):
-    """The preset model of `config["family"]` for `dataset`'s shape and classes."""
+    """The model of `config`'s recipe (for the data set it asked for, so a fallback
+    keeps the requested architecture) sized to `dataset`'s inputs and classes."""
     outputs = dataset.num_classes if dataset.task == "classification" else 1
-    return presets.recipe(
-        config["family"], _data_kind(dataset.name), cell=config.get("cell") or "gru"
-    ).build(dataset.input_shape, outputs)
+    recipe = presets.recipe(config["family"], config["dataset"], cell=config.get("cell") or "gru")
+    return recipe.build(dataset.input_shape, outputs)
 
 
 def train_and_evaluate(config: dict, workdir, *, log=print) -> RunResult:
@@ -256,7 +251,14 @@ def save_table(table: str, out, *, device: str | None = None) -> pathlib.Path:
     return path
 
 
-def check_family(family: str) -> str:
-    if family not in presets.FAMILIES:
-        raise unknown("model family", family, presets.FAMILIES)
-    return family
+def script_main(doc: str, default_out: str, make_table) -> None:
+    """The command line of a table experiment: `--out DIR --scale S`, then
+    `make_table(out, scale=S)` (which prints the table) and where it was written."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every epoch budget")
+    args = parser.parse_args()
+    _, path = make_table(args.out, scale=args.scale)
+    print(f"\ntable written to {path}; run directories under {args.out}/")

@@ -43,50 +43,47 @@ def plane_data(n: int = 200, noise: float = 0.1, seed: int = 0):
     return x, y
 
 
-def _fit_synthetic(name, data_text, x, y, out, *, epochs, learning_rate):
-    """SGD on MSE for a `linear_regression` model on arrays; writes the run."""
+def _fit_synthetic(name, data_text, x, y, out, scale):
+    """SGD (lr 0.05, batch 16, 100 epochs times `scale`) on MSE for a
+    `linear_regression` model on arrays, 20% held out; writes the run.
+
+    Returns `(w, b, val MSE, seconds, run_dir)`."""
     model = models.linear_regression()
-    started = time.perf_counter()
-    state, history = fit(
-        model,
-        (x, y),
-        optimizer="sgd",
-        learning_rate=learning_rate,
-        epochs=epochs,
-        batch_size=16,
-        validation=0.2,
-        fused=True,
-        quiet=True,
-    )
-    seconds = time.perf_counter() - started
     config = {
         "family": "linear_regression",
         "dataset": data_text,
         "input_shape": list(x.shape[1:]),
         "task": "regression",
         "optimizer": "sgd",
-        "learning_rate": learning_rate,
-        "epochs": epochs,
+        "learning_rate": 0.05,
+        "epochs": max(1, round(100 * scale)),
         "batch_size": 16,
         "validation": 0.2,
         "device": experiment.device_description(),
     }
+    started = time.perf_counter()
+    state, history = fit(
+        model,
+        (x, y),
+        **{k: config[k] for k in ("optimizer", "learning_rate", "epochs", "batch_size")},
+        validation=config["validation"],
+        fused=True,
+        quiet=True,
+    )
+    seconds = time.perf_counter() - started
     run_dir = experiment.write_run(
         pathlib.Path(out) / name, model, state.params, config, history, title=name
     )
     w = np.asarray(state.params["dense"]["w"])[:, 0]
     b = float(np.asarray(state.params["dense"]["b"])[0])
-    return w, b, history, seconds, run_dir
+    return w, b, history["val_loss"][-1], seconds, run_dir
 
 
 def line(out, *, scale: float = 1.0, log=print) -> Example:
     """Linear regression on `y = 2x + 1 + noise` by SGD; recovers slope and intercept."""
     del log
-    x, y = line_data()
-    w, b, _, seconds, run_dir = _fit_synthetic(
-        "line", "y = 2x + 1 + N(0, 0.1²), 200 points", x, y, out,
-        epochs=max(1, round(100 * scale)), learning_rate=0.05,
-    )  # fmt: skip
+    text = "y = 2x + 1 + N(0, 0.1²), 200 points"
+    w, b, _, seconds, run_dir = _fit_synthetic("line", text, *line_data(), out, scale)
     ok = abs(w[0] - 2.0) <= 0.05 and abs(b - 1.0) <= 0.05
     return Example(
         "linear regression, y = 2x + 1 + noise (SGD)",
@@ -101,16 +98,13 @@ def line(out, *, scale: float = 1.0, log=print) -> Example:
 def plane(out, *, scale: float = 1.0, log=print) -> Example:
     """The 2 -> 1 linear model trained by SGD on MSE."""
     del log
-    x, y = plane_data()
-    w, b, history, seconds, run_dir = _fit_synthetic(
-        "plane", "y = 3 x0 - 1.5 x1 + 0.5 + N(0, 0.1²), 200 points", x, y, out,
-        epochs=max(1, round(100 * scale)), learning_rate=0.05,
-    )  # fmt: skip
+    text = "y = 3 x0 - 1.5 x1 + 0.5 + N(0, 0.1²), 200 points"
+    w, b, val_mse, seconds, run_dir = _fit_synthetic("plane", text, *plane_data(), out, scale)
     error = float(np.abs(np.append(w, b) - [3.0, -1.5, 0.5]).max())
     return Example(
         "linear 2 → 1, SGD on MSE",
         "synthetic, 200 points",
-        f"w ({w[0]:.3f}, {w[1]:.3f}), b {b:.3f}; val MSE {history['val_loss'][-1]:.4f}",
+        f"w ({w[0]:.3f}, {w[1]:.3f}), b {b:.3f}; val MSE {val_mse:.4f}",
         f"max abs error vs (3, -1.5, 0.5): {error:.4f}",
         seconds,
         run_dir,

@@ -37,7 +37,7 @@ def test_plane_matches_least_squares(tmp_path):
 )
 def test_image_examples_fall_back_and_say_so(example, tmp_path):
     lines = []
-    row = example(tmp_path, scale=0.05, log=lines.append)
+    row = example(tmp_path, scale=0.2, log=lines.append)
     config = json.loads((row.run_dir / "config.json").read_text())
     if config["dataset"] != config["dataset_requested"]:  # no TFDS data on this machine
         assert config["dataset"] == "digits"
