@@ -170,6 +170,24 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
     return train_step
 
 
+def make_steps(train_step):
+    """Steps over given batches as one program:
+    `steps(state, x, y, index_SxB, mask_SxB) -> (state, metrics)`.
+
+    `lax.scan`s `train_step` over the batches `x[index_SxB[s]]`; per-step
+    metrics come back stacked `[S]`.
+    """
+
+    def steps(state, x, y, index_SxB, mask_SxB):
+        def body(state, inputs):
+            index_B, mask_B = inputs
+            return train_step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
+
+        return jax.lax.scan(body, state, (index_SxB, mask_SxB))
+
+    return steps
+
+
 def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
     """One epoch as one program: `epoch(state, x, y, key) -> (state, metrics)`.
 
@@ -177,15 +195,10 @@ def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
     the batches; per-step metrics come back stacked `[steps]`. The same batches,
     in the same order, as `batches(...)` on the host.
     """
+    steps = make_steps(train_step)
 
     def epoch(state, x, y, key):
-        index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
-
-        def body(state, inputs):
-            index_B, mask_B = inputs
-            return train_step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
-
-        return jax.lax.scan(body, state, (index_SxB, mask_SxB))
+        return steps(state, x, y, *epoch_indices(key, x.shape[0], batch_size, drop_remainder))
 
     return epoch
 
@@ -347,6 +360,11 @@ def fit(
     quiet: bool = False,
     state: TrainState | None = None,
     optimizer_kwargs: dict | None = None,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+    checkpoint_every_epochs: int | None = 1,
+    keep: int | None = 3,
+    resume: bool = False,
 ):
     """Trains `model` on `data` with minibatch gradient descent.
 
@@ -370,11 +388,29 @@ def fit(
       drop_remainder: drop a last partial batch instead of padding it with a mask.
       clip_norm: clip gradients to this global norm.
       quiet: no progress bar.
-      state: continue from this `TrainState` instead of a fresh one.
+      state: continue from this `TrainState` instead of a fresh one (for `epochs`
+        more epochs, starting mid-epoch if `state.step` is).
       optimizer_kwargs: extra arguments of the optax factory.
+      checkpoint_dir: a run directory to checkpoint into (`fml.checkpoint`):
+        the whole run state, every `checkpoint_every` steps, every
+        `checkpoint_every_epochs` epochs and at the end. A new run refuses a
+        directory that already holds checkpoints.
+      checkpoint_every: steps between checkpoints (None: only at epoch ends).
+      checkpoint_every_epochs: epochs between checkpoints (None: only at the end).
+      keep: how many of the latest checkpoints to keep (None: all).
+      resume: continue the run in `checkpoint_dir` from its latest checkpoint to a
+        total of `epochs` epochs, with the same batches, randomness and history as
+        if it had never stopped (starts fresh when there is no checkpoint yet).
+        Needs the same model, data and trajectory settings (optimizer, learning
+        rate, batch size, seed, ...); else `CheckpointError`.
 
     Returns:
       `(state, history)`: the final `TrainState` and a `History` of per-epoch metrics.
+
+    Raises:
+      TrainingError: a step's loss became NaN or inf (the message names the step
+        and the last good checkpoint, which is kept).
+      CheckpointError: a checkpoint cannot be written or does not fit this run.
 
     Example:
       >>> import fml
@@ -389,6 +425,16 @@ def fit(
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
+    for name, every in (
+        ("checkpoint_every", checkpoint_every),
+        ("checkpoint_every_epochs", checkpoint_every_epochs),
+    ):
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ConfigError(f"expected {name} to be a positive int or None, got {every!r}")
+    if resume and state is not None:
+        raise ConfigError("pass either state= or resume=True, not both")
     check_arrays(x, y, task=task, where="training data")
     objective = make_objective(model, loss, task)
     if objective.classify and task == "regression":
@@ -418,38 +464,76 @@ def fit(
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
 
-    train_step = make_train_step(model, objective, tx)
-    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
-    if fused:
-        run_epoch = jax.jit(
-            make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
-            donate_argnums=0,
-        )
-        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
-    else:
-        step = jax.jit(train_step, donate_argnums=0)
+    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    history, best, epoch_metrics, stopped = History(), (math.inf, None, -1), [], False
+    checkpoints = None
+    if checkpoint_dir is not None:
+        from fml import checkpoint as checkpoint_lib
 
-    history = History()
-    best = (math.inf, None, -1)
-    start_epoch = int(state.step) // max(
-        1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+        config = checkpoint_lib.fit_config(
+            x,
+            y,
+            task=task,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            optimizer_kwargs=optimizer_kwargs or {},
+            clip_norm=clip_norm,
+            batch_size=batch_size,
+            drop_remainder=drop_remainder,
+            seed=seed,
+            loss=loss,
+            l2=float(l2),
+            epochs=epochs,
+            fused=fused,
+            patience=patience,
+        )
+        checkpoints = checkpoint_lib.Checkpointer(checkpoint_dir, keep=keep)
+        restored = checkpoints.start(model, tx, config, resume=resume)
+        if restored is not None:
+            state = restored.state
+            history, best, epoch_metrics, stopped = _progress_from_meta(restored)
+    elif resume:
+        raise ConfigError("resume=True needs the checkpoint_dir of the run to continue")
+
+    def save_checkpoint():
+        checkpoints.save(
+            state,
+            {
+                "spec": model.spec,
+                "config": config,
+                "position": _position(int(state.step), steps_per_epoch),
+                "history": dict(history),
+                "epoch_metrics": {k: v.tolist() for k, v in _stack_metrics(epoch_metrics).items()},
+                "best": None if best[1] is None else {"loss": best[0], "epoch": best[2]},
+                "stopped": stopped,
+            },
+            best_params=best[1] if patience is not None else None,
+        )
+
+    run_steps = _step_runner(
+        make_train_step(model, objective, tx),
+        x,
+        y,
+        seed=seed,
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+        fused=fused,
     )
-    bar = _progress(range(start_epoch, start_epoch + epochs), quiet)
+    start_epoch, offset = divmod(int(state.step), steps_per_epoch)
+    end_epoch = start_epoch if stopped else (epochs if resume else start_epoch + epochs)
+    bar = _progress(range(start_epoch, end_epoch), quiet)
     for epoch in bar:
         started = time.perf_counter()
-        epoch_key = jax.random.fold_in(shuffle_key, epoch)
-        if fused:
-            state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
-        else:
-            state, step_metrics = _host_epoch(
-                step, state, x, y, epoch_key, batch_size, drop_remainder
-            )
-        train = _mean_metrics(jax.device_get(step_metrics))
-        if not math.isfinite(train["loss"]):
-            raise TrainingError(
-                f"loss became {train['loss']} in epoch {epoch} (step "
-                f"{int(state.step)}); lower the learning rate or set clip_norm"
-            )
+        for begin, end in _step_ranges(epoch, offset, steps_per_epoch, checkpoint_every):
+            state, chunk = run_steps(state, epoch, begin, end)
+            chunk = jax.device_get(chunk)
+            _check_finite_loss(chunk, epoch * steps_per_epoch + begin, epoch, checkpoints)
+            epoch_metrics.append(chunk)
+            if checkpoints is not None and end < steps_per_epoch:
+                save_checkpoint()
+        offset = 0
+        train = _mean_metrics(_stack_metrics(epoch_metrics))
+        epoch_metrics = []
         history.append(
             epoch=epoch,
             epoch_time=time.perf_counter() - started,
@@ -460,12 +544,21 @@ def fit(
             history.append(**{f"val_{k}": v for k, v in val.items()})
             if val["loss"] < best[0]:
                 best = (val["loss"], jax.device_get(state.params), epoch)
-            elif patience is not None and epoch - best[2] >= patience:
-                break
+            else:
+                stopped = patience is not None and epoch - best[2] >= patience
+        due = _divides(checkpoint_every_epochs, epoch + 1) or _divides(
+            checkpoint_every, int(state.step)
+        )
+        if checkpoints is not None and (due or stopped):
+            save_checkpoint()
         if not quiet:
             bar.set_postfix(
                 {k: f"{v[-1]:.4f}" for k, v in history.items() if k.startswith(("train_", "val_"))}
             )
+        if stopped:
+            break
+    if checkpoints is not None:
+        save_checkpoint()
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]
@@ -480,14 +573,103 @@ def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def _host_epoch(step, state, x, y, key, batch_size, drop_remainder):
-    """One epoch of jitted steps fed from host arrays; the same batches as `make_epoch`."""
-    index_SxB, mask_SxB = jax.device_get(epoch_indices(key, x.shape[0], batch_size, drop_remainder))
+def _divides(every: int | None, n: int) -> bool:
+    return every is not None and n % every == 0
+
+
+def _position(step: int, steps_per_epoch: int) -> dict:
+    """Where in the data step `step` is: `{"epoch", "step_in_epoch"}`."""
+    return dict(zip(("epoch", "step_in_epoch"), divmod(step, steps_per_epoch)))
+
+
+def _step_ranges(epoch: int, begin: int, steps_per_epoch: int, every: int | None):
+    """`(begin, end)` step ranges covering an epoch from `begin`, cut where the
+    global step is a multiple of `every` (checkpoints go there)."""
+    while begin < steps_per_epoch:
+        end = steps_per_epoch
+        if every:
+            end = min(end, begin + every - (epoch * steps_per_epoch + begin) % every)
+        yield begin, end
+        begin = end
+
+
+def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused):
+    """`run(state, epoch, begin, end) -> (state, metrics)`: steps `begin..end-1` of an
+    epoch, as jitted steps fed from the host or as one scan over on-device data.
+
+    The batches are a pure function of `(seed, epoch)`: epoch key
+    `fold_in(fold_in(key(seed), 1), epoch)` shuffles with `epoch_indices`.
+    """
+    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
+    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    if fused:
+        run_epoch = jax.jit(
+            make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
+            donate_argnums=0,
+        )
+        run_scan = jax.jit(make_steps(train_step), donate_argnums=0)
+        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+    else:
+        step = jax.jit(train_step, donate_argnums=0)
+
+    @functools.lru_cache(maxsize=1)
+    def batches(epoch):
+        key = jax.random.fold_in(shuffle_key, epoch)
+        index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
+        return (index_SxB, mask_SxB) if fused else jax.device_get((index_SxB, mask_SxB))
+
+    def run(state, epoch, begin, end):
+        if fused and (begin, end) == (0, steps_per_epoch):
+            return run_epoch(state, x_dev, y_dev, jax.random.fold_in(shuffle_key, epoch))
+        index_SxB, mask_SxB = (a[begin:end] for a in batches(epoch))
+        if fused:
+            return run_scan(state, x_dev, y_dev, index_SxB, mask_SxB)
+        return _host_steps(step, state, x, y, index_SxB, mask_SxB)
+
+    return run
+
+
+def _host_steps(step, state, x, y, index_SxB, mask_SxB):
+    """Jitted steps fed from host arrays; the same batches as `make_steps`."""
     per_step = []
     for index_B, mask_B in zip(index_SxB, mask_SxB):
         state, m = step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
         per_step.append(m)
     return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
+
+
+def _stack_metrics(chunks) -> dict:
+    """The per-step metrics of consecutive step ranges, joined: `{name: [steps]}`."""
+    if not chunks:
+        return {}
+    return {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in chunks[0]}
+
+
+def _check_finite_loss(chunk, first_step: int, epoch: int, checkpoints) -> None:
+    """Raises `TrainingError` naming the first step whose loss is NaN or inf."""
+    loss = np.asarray(chunk["loss"])
+    bad = np.flatnonzero(~np.isfinite(loss))
+    if bad.size:
+        where = (
+            checkpoints.describe_latest()
+            if checkpoints is not None
+            else "no checkpoint_dir was set"
+        )
+        raise TrainingError(
+            f"loss became {loss[bad[0]]} in step {first_step + bad[0] + 1} (epoch {epoch}); "
+            f"{where}; lower the learning rate or set clip_norm"
+        )
+
+
+def _progress_from_meta(restored):
+    """`(history, best, epoch_metrics, stopped)` of a run, from its checkpoint."""
+    meta = restored.meta
+    best = (math.inf, None, -1)
+    if meta.get("best"):
+        best = (meta["best"]["loss"], restored.best_params, meta["best"]["epoch"])
+    partial = meta.get("epoch_metrics") or {}
+    epoch_metrics = [{k: np.asarray(v, np.float32) for k, v in partial.items()}] if partial else []
+    return History(meta.get("history", {})), best, epoch_metrics, bool(meta.get("stopped"))
 
 
 def _progress(epochs, quiet):
