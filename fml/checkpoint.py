@@ -174,13 +174,18 @@ def tree_sha256(tree) -> str:
     return digest.hexdigest()
 
 
-def _mismatches(expected: dict, got: dict, limit: int = 5) -> list[str]:
+def _mismatches(expected: dict, got: dict) -> list[str]:
+    """The paths whose (shape, dtype) differ, params first."""
+    paths = [p for p in sorted(set(expected) | set(got)) if expected.get(p) != got.get(p)]
+    return sorted(paths, key=lambda p: not p.startswith("params/"))
+
+
+def _describe(paths: list[str], expected: dict, got: dict, limit: int = 4) -> str:
     lines = [
-        f"{path}: expected {expected.get(path, 'nothing')}, got {got.get(path, 'nothing')}"
-        for path in sorted(set(expected) | set(got))
-        if expected.get(path) != got.get(path)
+        f"{p}: expected {expected.get(p, 'nothing')}, got {got.get(p, 'nothing')}"
+        for p in paths[:limit]
     ]
-    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+    return "; ".join(lines + ([f"... {len(paths) - limit} more"] if len(paths) > limit else []))
 
 
 def _all_finite(tree) -> bool:
@@ -364,12 +369,13 @@ class Checkpointer:
             got = _leaf_table(saved.tree)
         except Exception as e:
             raise self._corrupt(step, e) from e
-        wrong = _mismatches(_leaf_table(abstract), got)
+        expected = _leaf_table(abstract)
+        wrong = _mismatches(expected, got)
         if wrong:
-            what = "params" if any(w.startswith("params/") for w in wrong) else "arrays"
+            what = "params" if wrong[0].startswith("params/") else "arrays"
             raise CheckpointError(
                 f"the {what} of checkpoint step {step} in {self.directory} do not match its "
-                f"model spec {meta['spec']} and optimizer: " + "; ".join(wrong)
+                f"model spec {meta['spec']} and optimizer: {_describe(wrong, expected, got)}"
             )
 
     def _corrupt(self, step: int, error: Exception) -> CheckpointError:

@@ -22,7 +22,8 @@ from fml import metrics as metrics_lib
 from fml import models as models_lib
 from fml._model import Model
 from fml.data import Dataset, check_arrays
-from fml.errors import ConfigError, ShapeError, TrainingError, unknown
+from fml.data._embedded import as_array
+from fml.errors import ConfigError, ShapeError, TrainingError, in_range, unknown
 
 
 class TrainState(NamedTuple):
@@ -72,17 +73,23 @@ def make_optimizer(
       clip_norm: clip gradients to this global norm first.
       **kwargs: passed to the optax factory (e.g. `b1`, `weight_decay`).
     """
-    if isinstance(optimizer, optax.GradientTransformation):
-        tx = optimizer
-    elif optimizer == "lbfgs":
-        tx = optax.lbfgs(**kwargs)
-    elif optimizer in OPTIMIZERS:
-        if not callable(learning_rate) and not learning_rate > 0:
-            raise ConfigError(f"expected learning_rate > 0, got {learning_rate}")
-        tx = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=learning_rate, **kwargs)
-    else:
-        raise unknown("optimizer", optimizer, [*OPTIMIZERS, *FULL_BATCH_OPTIMIZERS])
+    named = isinstance(optimizer, str)
+    if not callable(learning_rate):
+        in_range(learning_rate, "learning_rate", 0.0, math.inf, closed="neither")
+    try:
+        if isinstance(optimizer, optax.GradientTransformation):
+            tx = optimizer
+        elif named and optimizer in FULL_BATCH_OPTIMIZERS:
+            tx = optax.lbfgs(**kwargs)
+        elif named and optimizer in OPTIMIZERS:
+            factory = optax.inject_hyperparams(OPTIMIZERS[optimizer])
+            tx = factory(learning_rate=learning_rate, **kwargs)
+        else:
+            raise unknown("optimizer", optimizer, [*OPTIMIZERS, *FULL_BATCH_OPTIMIZERS])
+    except TypeError as e:
+        raise ConfigError(f"optimizer {optimizer!r} does not take {kwargs}: {e}") from e
     if clip_norm is not None:
+        clip_norm = in_range(clip_norm, "clip_norm", 0.0, math.inf, closed="neither")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return optax.with_extra_args_support(tx)
 
@@ -279,6 +286,7 @@ def evaluate(
 ) -> dict:
     """Loss and metric over a whole set: `{"loss": float, "accuracy" | "r2": float}`."""
     objective = make_objective(model, loss, task)
+    check_arrays(x, y, task=_task(objective), where="evaluation data")
     metric = metric or ("accuracy" if objective.classify else "r2")
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
     outputs = jnp.asarray(predict(model, params, x, batch_size=batch_size))
@@ -300,18 +308,33 @@ def _as_arrays(data, validation):
             raise ConfigError("pass validation= to fml.data.load for a Dataset, not to fit")
         return data.x_train, data.y_train, *val, data.x_test, data.y_test, data.task
     if isinstance(data, tuple | list) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
+        x, y = as_array(data[0], "x", "training data"), as_array(data[1], "y", "training data")
         task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
         x_val = y_val = None
-        if validation:
-            if not 0.0 < validation < 1.0:
-                raise ConfigError(f"expected validation fraction in (0, 1), got {validation}")
+        if validation and x.ndim:
+            in_range(validation, "validation fraction", 0.0, 1.0, closed="neither")
             cut = x.shape[0] - max(1, int(round(validation * x.shape[0])))
             x, x_val, y, y_val = x[:cut], x[cut:], y[:cut], y[cut:]
         return x, y, x_val, y_val, None, None, task
     raise ConfigError(
         f"expected data as an fml.data.Dataset or an (x, y) tuple, got {type(data).__name__}"
     )
+
+
+def _task(objective: Objective) -> str:
+    return "classification" if objective.classify else "regression"
+
+
+def _check_targets(model: Model, params, x, y, where: str) -> None:
+    """Raises `ShapeError` unless regression targets `y` fit the model's outputs."""
+    example = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+    out = jax.eval_shape(model.apply, params, example).shape[1:]
+    if y.shape[1:] != out and not (out[-1:] == (1,) and y.shape[1:] == out[:-1]):
+        raise ShapeError(
+            f"{where}: float targets mean regression, and the model's outputs are "
+            f"(N, {', '.join(map(str, out))}), so expected y of shape (N, {', '.join(map(str, out))})"
+            f", got {y.shape}; for classification pass integer labels"
+        )
 
 
 def num_outputs(model: Model, params) -> int:
@@ -420,7 +443,15 @@ def fit(
       >>> history["test"]["accuracy"] > 0.9
       True
     """
+    if not isinstance(model, Model):
+        raise ConfigError(f"expected an fml Model, got {type(model).__name__}")
     x, y, x_val, y_val, x_test, y_test, task = _as_arrays(data, validation)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"expected seed to be an int, got {seed!r}")
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
+    ):
+        raise ConfigError(f"expected patience to be an int >= 0 or None, got {patience!r}")
     if not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -442,19 +473,22 @@ def fit(
             f"{model.family} with loss {loss or 'default'} needs integer class "
             "labels, got float targets"
         )
-    full_batch = optimizer in FULL_BATCH_OPTIMIZERS
+    full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_OPTIMIZERS
     batch_size = x.shape[0] if full_batch else batch_size
     if batch_size > x.shape[0] and drop_remainder:
         raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
     tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
     if l2 is None:
         l2 = models_lib.l2_strength(model.spec, x.shape[0])
+    l2 = in_range(l2, "l2", 0.0, math.inf)
     if state is None:
         state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
     else:
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
     expected = num_outputs(model, state.params) if objective.classify else None
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
+    if not objective.classify:
+        _check_targets(model, state.params, x, y, "training data")
     for name, (xs, ys) in {
         "validation data": (x_val, y_val),
         "test data": (x_test, y_test),
@@ -463,6 +497,8 @@ def fit(
             check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
+            if not objective.classify:
+                _check_targets(model, state.params, xs, ys, name)
 
     steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
     history, best, epoch_metrics, stopped = History(), (math.inf, None, -1), [], False
