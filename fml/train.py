@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from fml import losses as losses_lib
+from fml import data as data_lib
 from fml import metrics as metrics_lib
 from fml import models as models_lib
 from fml._model import Model
@@ -481,11 +482,12 @@ def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
 
 
 def _host_epoch(step, state, x, y, key, batch_size, drop_remainder):
-    """One epoch of jitted steps fed from host arrays; the same batches as `make_epoch`."""
-    index_SxB, mask_SxB = jax.device_get(epoch_indices(key, x.shape[0], batch_size, drop_remainder))
+    """One epoch of jitted steps fed from host arrays by the input pipeline
+    (`fml.data.epoch_batches`, prefetched to the device); the same batches as `make_epoch`."""
+    batches = data_lib.epoch_batches(data_lib.ArraySource(x, y), key, batch_size, drop_remainder)
     per_step = []
-    for index_B, mask_B in zip(index_SxB, mask_SxB):
-        state, m = step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
+    for batch in data_lib.prefetch(batches):
+        state, m = step(state, batch)
         per_step.append(m)
     return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
 

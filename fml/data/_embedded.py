@@ -106,15 +106,31 @@ def load_embedded(
     """Loads an embedded data set (see `EMBEDDED`); see `fml.data.load`."""
     if name not in EMBEDDED:
         raise unknown("data set", name, EMBEDDED)
+    check_validation(validation)
+    if standardize is None:
+        standardize = name in _STANDARDIZE_BY_DEFAULT
+    return make_dataset(
+        name, *EMBEDDED[name](), validation=validation, standardize=standardize, seed=seed
+    )
+
+
+def check_validation(validation: float):
     if not 0.0 <= validation < 1.0:
         raise ConfigError(f"expected validation fraction in [0, 1), got {validation}")
-    x_train, y_train, x_test, y_test, task, num_classes, info = EMBEDDED[name]()
+
+
+def make_dataset(
+    name, x_train, y_train, x_test, y_test, task, num_classes, info, *, validation, standardize, seed
+) -> Dataset:
+    """A `Dataset` from raw splits: carves validation from train, standardises
+    with train's statistics when asked, casts to float32 inputs and int32 labels."""
+    check_validation(validation)
     x_val = y_val = None
     if validation > 0:
         x_train, x_val, y_train, y_val = _split_validation(
             x_train, y_train, validation, seed, task == "classification"
         )
-    if name in _STANDARDIZE_BY_DEFAULT if standardize is None else standardize:
+    if standardize:
         mean, std = x_train.mean(0), x_train.std(0)
         std = np.where(std > 0, std, 1.0)
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
