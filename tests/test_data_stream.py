@@ -131,8 +131,8 @@ def test_padded_last_batch_loss_is_the_loss_of_its_real_examples():
     assert mask.tolist() == [1, 1, 1, 0, 0]
     _, metrics = step(state, last)
     real = _indices(last)[mask > 0]
-    logits = x[real] @ np.asarray(state.params["linear"]["w"]) + np.asarray(
-        state.params["linear"]["b"]
+    logits = x[real] @ np.asarray(state.params["dense"]["w"]) + np.asarray(
+        state.params["dense"]["b"]
     )
     log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     reference = np.mean(log_z - logits[np.arange(len(real)), y[real]])

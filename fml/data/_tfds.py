@@ -71,7 +71,7 @@ class _Decoder:
                 f"tensorflow-datasets set {name!r}: input {self.input_key!r} is "
                 f"{type(x_feature).__name__} of {x_dtype}; fml reads numeric inputs"
             )
-        self.scale = 1.0 / 255.0 if isinstance(x_feature, tfds.features.Image) else None
+        self.scale = 255.0 if isinstance(x_feature, tfds.features.Image) else None
         self.input_shape = tuple(x_feature.shape)
         if isinstance(y_feature, tfds.features.ClassLabel):
             self.task, self.num_classes = "classification", y_feature.num_classes
@@ -82,7 +82,7 @@ class _Decoder:
     def __call__(self, x, y) -> dict:
         x = np.asarray(x, np.float32)
         if self.scale is not None:
-            x *= np.float32(self.scale)
+            x /= np.float32(self.scale)
         y = np.asarray(y, np.int32 if self.task == "classification" else np.float32)
         return {"x": x, "y": y}
 
