@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fml import losses as losses_lib
 from fml import data as data_lib
+from fml import losses as losses_lib
 from fml import metrics as metrics_lib
 from fml import models as models_lib
 from fml._model import Model

@@ -13,7 +13,6 @@ import fml
 from fml.data import ArraySource, BatchStream
 from fml.errors import DataError, MissingDependencyError, UnknownNameError
 
-
 N_TRAIN, N_TEST = 48, 16
 
 
@@ -71,7 +70,10 @@ def prepared(tmp_path_factory):
             "3.0.1",
             features,
             {
-                s: [(i, {"image": img, "label": int(lab)}) for i, (img, lab) in enumerate(zip(v, labels[s]))]
+                s: [
+                    (i, {"image": img, "label": int(lab)})
+                    for i, (img, lab) in enumerate(zip(v, labels[s]))
+                ]
                 for s, v in splits.items()
             },
             data_dir=dirs[file_format],
@@ -98,7 +100,9 @@ def test_streaming_from_disk_equals_streaming_the_loaded_arrays(prepared):
     source = fml.data.tfds_source("mnist", split="train", data_dir=str(dirs["array_record"]))
     assert len(source) == N_TRAIN and source.input_shape == (28, 28, 1)
     data = fml.data.load("mnist", data_dir=str(dirs["array_record"]))
-    from_disk = BatchStream(source, batch_size=10, seed=2, epochs=2, process_index=1, process_count=2)
+    from_disk = BatchStream(
+        source, batch_size=10, seed=2, epochs=2, process_index=1, process_count=2
+    )
     in_memory = BatchStream(
         ArraySource(data.x_train, data.y_train),
         batch_size=10,

@@ -120,7 +120,18 @@ def check_validation(validation: float):
 
 
 def make_dataset(
-    name, x_train, y_train, x_test, y_test, task, num_classes, info, *, validation, standardize, seed
+    name,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    task,
+    num_classes,
+    info,
+    *,
+    validation,
+    standardize,
+    seed,
 ) -> Dataset:
     """A `Dataset` from raw splits: carves validation from train, standardises
     with train's statistics when asked, casts to float32 inputs and int32 labels."""

@@ -59,13 +59,10 @@ def epoch_key(seed: int, epoch: int) -> jax.Array:
 def shard_bounds(batch_size: int, process_index: int, process_count: int) -> slice:
     """The columns of each global batch that process `process_index` reads."""
     if not 0 <= process_index < process_count:
-        raise ConfigError(
-            f"expected process_index in [0, {process_count}), got {process_index}"
-        )
+        raise ConfigError(f"expected process_index in [0, {process_count}), got {process_index}")
     if batch_size % process_count:
         raise ConfigError(
-            f"expected a global batch_size divisible by {process_count} processes, "
-            f"got {batch_size}"
+            f"expected a global batch_size divisible by {process_count} processes, got {batch_size}"
         )
     local = batch_size // process_count
     return slice(process_index * local, (process_index + 1) * local)

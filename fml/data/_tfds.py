@@ -2,6 +2,8 @@
 records for streaming (`tfds_source`). Never downloads: a set must be prepared in
 `data_dir` first (`tfds build` on a machine with a network)."""
 
+import functools
+
 import numpy as np
 
 from fml.errors import DataError, UnknownNameError, require
@@ -58,7 +60,9 @@ class _Decoder:
     def __init__(self, name: str, info):
         tfds = _tfds()
         keys = info.supervised_keys
-        if not (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)):
+        if not (
+            isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys)
+        ):
             raise DataError(
                 f"tensorflow-datasets set {name!r} has supervised keys {keys!r}; fml reads "
                 "sets with one input feature and one label, like ('image', 'label')"
@@ -73,6 +77,7 @@ class _Decoder:
             )
         self.scale = 255.0 if isinstance(x_feature, tfds.features.Image) else None
         self.input_shape = tuple(x_feature.shape)
+        self.features = info.features
         if isinstance(y_feature, tfds.features.ClassLabel):
             self.task, self.num_classes = "classification", y_feature.num_classes
             self.classes = list(y_feature.names)
@@ -86,11 +91,27 @@ class _Decoder:
         y = np.asarray(y, np.int32 if self.task == "classification" else np.float32)
         return {"x": x, "y": y}
 
-    def records(self, records) -> dict:
+    def records(self, records: list) -> dict:
+        """Decodes a batch of records: serialized bytes in one TF call (parse and
+        image decoding in C++, outside the GIL), or examples already decoded."""
+        if records and isinstance(records[0], bytes):
+            decoded = self._decode_serialized(records)
+            return self(decoded[self.input_key].numpy(), decoded[self.label_key].numpy())
         return self(
             np.stack([r[self.input_key] for r in records]),
             np.asarray([r[self.label_key] for r in records]),
         )
+
+    @functools.cached_property
+    def _decode_serialized(self):
+        tf = require("tensorflow", "tf")
+        features, spec = self.features, self.features.tf_example_spec
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def decode(serialized_B):
+            return features.decode_batch_example(tf.io.parse_example(serialized_B, spec))
+
+        return decode
 
 
 class TfdsSource:
@@ -118,6 +139,13 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, {len(self)} examples, input_shape={self.input_shape})"
 
 
+def _raw_records(name: str, builder, split: str):
+    """The split's records as serialized bytes, by index (decoded in batches later)."""
+    tfds = _tfds()
+    raw = tfds.decode.DeserializeMethod.RAW_BYTES
+    return _reading(name, builder, lambda: builder.as_data_source(split, deserialize_method=raw))
+
+
 def tfds_source(name: str, *, split: str = "train", data_dir=None) -> TfdsSource:
     """A TFDS split as a random-access source for `fml.data.BatchStream`.
 
@@ -132,15 +160,14 @@ def tfds_source(name: str, *, split: str = "train", data_dir=None) -> TfdsSource
     """
     builder = _builder(name, data_dir)
     decoder = _Decoder(name, builder.info)
-    data_source = _reading(name, builder, lambda: builder.as_data_source(split=split))
-    return TfdsSource(name, data_source, decoder)
+    return TfdsSource(name, _raw_records(name, builder, split), decoder)
 
 
 def _read_split(name: str, builder, decoder: _Decoder, split: str):
     """All of one split as arrays `(x, y)`."""
     tfds = _tfds()
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-        source = TfdsSource(name, _reading(name, builder, lambda: builder.as_data_source(split)), decoder)
+        source = TfdsSource(name, _raw_records(name, builder, split), decoder)
         chunks = [
             source.read(np.arange(start, min(start + _READ_CHUNK, len(source))))
             for start in range(0, len(source), _READ_CHUNK)
