@@ -280,8 +280,18 @@ def evaluate(
 # ------------------------------------------------------------------ fit
 
 
+def _task_of(y) -> str:
+    return "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+
+
 def _as_arrays(data, validation):
-    """(x, y, x_val, y_val, x_test, y_test, task) from a Dataset or an (x, y) pair."""
+    """(x, y, x_val, y_val, x_test, y_test, task) from a Dataset or an (x, y) pair;
+    for a `BatchStream`, (x, y) are its first examples, for checks and shapes."""
+    if isinstance(data, data_lib.BatchStream):
+        if validation:
+            raise ConfigError("a BatchStream has no validation split; fit a Dataset for one")
+        sample = data.source.read(np.arange(min(len(data.source), 1024)))
+        return sample["x"], sample["y"], None, None, None, None, _task_of(sample["y"])
     if isinstance(data, Dataset):
         val = (data.x_val, data.y_val) if data.x_val is not None else (None, None)
         if validation:
@@ -289,7 +299,7 @@ def _as_arrays(data, validation):
         return data.x_train, data.y_train, *val, data.x_test, data.y_test, data.task
     if isinstance(data, tuple | list) and len(data) == 2:
         x, y = np.asarray(data[0]), np.asarray(data[1])
-        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+        task = _task_of(y)
         x_val = y_val = None
         if validation:
             if not 0.0 < validation < 1.0:
@@ -353,8 +363,10 @@ def fit(
 
     Args:
       model: a `Model`.
-      data: an `fml.data.Dataset` (its validation and test splits are used) or an
-        `(x, y)` pair of arrays.
+      data: an `fml.data.Dataset` (its validation and test splits are used), an
+        `(x, y)` pair of arrays, or an `fml.data.BatchStream` (data streamed from
+        disk, per-process shards): its batch size, shuffling seed and
+        last-batch policy replace `batch_size` and `drop_remainder` here.
       optimizer: a name ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad",
         "lbfgs" for full-batch convex fits) or an optax `GradientTransformation`.
       learning_rate: a float or an optax schedule.
@@ -386,6 +398,8 @@ def fit(
       True
     """
     x, y, x_val, y_val, x_test, y_test, task = _as_arrays(data, validation)
+    stream = data if isinstance(data, data_lib.BatchStream) else None
+    num_examples = len(stream.source) if stream else x.shape[0]
     if not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -398,12 +412,16 @@ def fit(
             "labels, got float targets"
         )
     full_batch = optimizer in FULL_BATCH_OPTIMIZERS
-    batch_size = x.shape[0] if full_batch else batch_size
-    if batch_size > x.shape[0] and drop_remainder:
-        raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
+    if stream and (fused or full_batch):
+        raise ConfigError("a BatchStream feeds per-step training: not fused=True nor lbfgs")
+    if stream:
+        batch_size, drop_remainder = stream.batch_size, stream.drop_remainder
+    batch_size = num_examples if full_batch else batch_size
+    if batch_size > num_examples and drop_remainder:
+        raise ConfigError(f"batch_size {batch_size} > {num_examples} examples with drop_remainder")
     tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
     if l2 is None:
-        l2 = models_lib.l2_strength(model.spec, x.shape[0])
+        l2 = models_lib.l2_strength(model.spec, num_examples)
     if state is None:
         state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
     else:
@@ -433,7 +451,7 @@ def fit(
     history = History()
     best = (math.inf, None, -1)
     start_epoch = int(state.step) // max(
-        1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+        1, _steps_per_epoch(num_examples, batch_size, drop_remainder)
     )
     bar = _progress(range(start_epoch, start_epoch + epochs), quiet)
     for epoch in bar:
@@ -442,9 +460,14 @@ def fit(
         if fused:
             state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
         else:
-            state, step_metrics = _host_epoch(
-                step, state, x, y, epoch_key, batch_size, drop_remainder
+            batches = (
+                stream.epoch(epoch)
+                if stream
+                else data_lib.epoch_batches(
+                    data_lib.ArraySource(x, y), epoch_key, batch_size, drop_remainder
+                )
             )
+            state, step_metrics = _host_epoch(step, state, batches, stream.put if stream else None)
         train = _mean_metrics(jax.device_get(step_metrics))
         if not math.isfinite(train["loss"]):
             raise TrainingError(
@@ -481,12 +504,11 @@ def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def _host_epoch(step, state, x, y, key, batch_size, drop_remainder):
-    """One epoch of jitted steps fed from host arrays by the input pipeline
-    (`fml.data.epoch_batches`, prefetched to the device); the same batches as `make_epoch`."""
-    batches = data_lib.epoch_batches(data_lib.ArraySource(x, y), key, batch_size, drop_remainder)
+def _host_epoch(step, state, batches, put=None):
+    """One epoch of jitted steps over host `batches`, prefetched to the device by
+    the input pipeline (`fml.data.prefetch`); for arrays, the batches of `make_epoch`."""
     per_step = []
-    for batch in data_lib.prefetch(batches):
+    for batch in data_lib.prefetch(batches, put=put or jax.device_put):
         state, m = step(state, batch)
         per_step.append(m)
     return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)

@@ -165,24 +165,6 @@ def test_batches_are_device_arrays_and_global_arrays_over_a_mesh():
     assert len(placed["x"].addressable_shards) == len(jax.devices())
 
 
-def test_fit_host_path_feeds_the_same_batches_as_before():
-    """`fit`'s per-step path reads the pipeline; its result is bit-identical to
-    jitted steps over `epoch_indices` batches gathered by hand."""
-    x, y = _arrays()
-    model = fml.models.mlp([8, 4])
-    state, _ = fml.fit(model, (x, y), epochs=2, batch_size=5, seed=3, quiet=True)
-
-    tx = fml.train.make_optimizer("adam", 1e-3)
-    step = jax.jit(fml.train.make_train_step(model, fml.train.make_objective(model), tx))
-    expected = fml.train.init_state(model, tx, (FEATURES,), seed=3)
-    for epoch in range(2):
-        index_SxB, mask_SxB = jax.device_get(epoch_indices(epoch_key(3, epoch), N, 5))
-        for i, m in zip(index_SxB, mask_SxB):
-            expected, _ = step(expected, {"x": x[i], "y": y[i], "mask": m})
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -203,3 +185,27 @@ def test_epoch_key_is_fits_shuffle_key():
     np.testing.assert_array_equal(
         jax.random.key_data(epoch_key(5, 2)), jax.random.key_data(expected)
     )
+
+
+def test_fit_reads_the_pipeline_bit_identically_from_arrays_and_from_a_stream():
+    """`fit`'s per-step path reads the pipeline: from arrays and from a `BatchStream`
+    its result is bit-identical to jitted steps over `epoch_indices` batches by hand."""
+    x, y = _arrays()
+    model = fml.models.logistic_regression(4)
+    from_arrays, h1 = fml.fit(model, (x, y), epochs=2, batch_size=5, seed=3, quiet=True)
+    stream = BatchStream(ArraySource(x, y), batch_size=5, seed=3)
+    from_stream, h2 = fml.fit(model, stream, epochs=2, seed=3, quiet=True)
+
+    tx = fml.train.make_optimizer("adam", 1e-3)
+    step = jax.jit(fml.train.make_train_step(model, fml.train.make_objective(model), tx))
+    by_hand = fml.train.init_state(model, tx, (FEATURES,), seed=3)
+    for epoch in range(2):
+        index_SxB, mask_SxB = jax.device_get(epoch_indices(epoch_key(3, epoch), N, 5))
+        for i, m in zip(index_SxB, mask_SxB):
+            by_hand, _ = step(by_hand, {"x": x[i], "y": y[i], "mask": m})
+    for fitted in (from_arrays, from_stream):
+        for a, b in zip(jax.tree.leaves(fitted.params), jax.tree.leaves(by_hand.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert h1["train_loss"] == h2["train_loss"]
+    with pytest.raises(ConfigError, match="not fused"):
+        fml.fit(model, stream, fused=True, quiet=True)
