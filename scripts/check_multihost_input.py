@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 N, BATCH, SEED, PROCESSES = 23, 8, 5, 2
 
 
 def arrays():
-    import numpy as np
-
     x = np.arange(N, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
     return x, np.arange(N, dtype=np.int32) % 4
 
@@ -26,7 +26,6 @@ def worker(process_id: int, port: int):
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", PROCESSES, process_id)
-    import numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -68,8 +67,6 @@ def main():
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, f"worker failed with {p.returncode}"
         results.append(json.loads(out.strip().splitlines()[-1]))
-
-    import numpy as np
 
     from fml.data import ArraySource, BatchStream
 
