@@ -447,6 +447,14 @@ def fit(
         x_dev, y_dev = jax.device_put(x), jax.device_put(y)
     else:
         step = jax.jit(train_step, donate_argnums=0)
+        stream = stream or data_lib.BatchStream(
+            data_lib.ArraySource(x, y),
+            batch_size=batch_size,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            process_index=0,
+            process_count=1,
+        )
 
     history = History()
     best = (math.inf, None, -1)
@@ -460,14 +468,7 @@ def fit(
         if fused:
             state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
         else:
-            batches = (
-                stream.epoch(epoch)
-                if stream
-                else data_lib.epoch_batches(
-                    data_lib.ArraySource(x, y), epoch_key, batch_size, drop_remainder
-                )
-            )
-            state, step_metrics = _host_epoch(step, state, batches, stream.put if stream else None)
+            state, step_metrics = _host_epoch(step, state, stream.device_batches(epoch))
         train = _mean_metrics(jax.device_get(step_metrics))
         if not math.isfinite(train["loss"]):
             raise TrainingError(
@@ -504,11 +505,11 @@ def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def _host_epoch(step, state, batches, put=None):
-    """One epoch of jitted steps over host `batches`, prefetched to the device by
-    the input pipeline (`fml.data.prefetch`); for arrays, the batches of `make_epoch`."""
+def _host_epoch(step, state, batches):
+    """One epoch of jitted steps over `batches` from the input pipeline (for
+    arrays, the batches of `make_epoch`, read and placed ahead of each step)."""
     per_step = []
-    for batch in data_lib.prefetch(batches, put=put or jax.device_put):
+    for batch in batches:
         state, m = step(state, batch)
         per_step.append(m)
     return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)

@@ -140,8 +140,9 @@ def test_padded_last_batch_loss_is_the_loss_of_its_real_examples():
     assert float(metrics["count"]) == 3.0
 
 
-def test_prefetch_keeps_order_and_raises_producer_errors():
-    items = list(fml.data.prefetch(iter(range(20)), 3, put=lambda v: v * 2))
+@pytest.mark.parametrize("workers", [1, 3])
+def test_prefetch_keeps_order_and_raises_producer_errors(workers):
+    items = list(fml.data.prefetch(iter(range(20)), lambda v: v * 2, size=3, workers=workers))
     assert items == [2 * v for v in range(20)]
 
     def failing():
@@ -149,7 +150,7 @@ def test_prefetch_keeps_order_and_raises_producer_errors():
         raise ValueError("bad record")
 
     with pytest.raises(ValueError, match="bad record"):
-        list(fml.data.prefetch(failing(), 2, put=lambda v: v))
+        list(fml.data.prefetch(failing(), lambda v: v, workers=workers))
 
 
 def test_batches_are_device_arrays_and_global_arrays_over_a_mesh():

@@ -13,10 +13,11 @@ from fml.data._stream import (
     ArraySource,
     BatchStream,
     Position,
-    epoch_batches,
     epoch_key,
+    epoch_plan,
     global_batch_put,
     prefetch,
+    read_batch,
 )
 from fml.data._tfds import TfdsSource, load_tfds_arrays, tfds_source
 from fml.errors import ConfigError
@@ -80,10 +81,11 @@ __all__ = [
     "Position",
     "TfdsSource",
     "check_arrays",
-    "epoch_batches",
+    "epoch_plan",
     "epoch_key",
     "global_batch_put",
     "load",
     "prefetch",
+    "read_batch",
     "tfds_source",
 ]

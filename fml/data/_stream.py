@@ -8,9 +8,9 @@ So the processes' shards are disjoint, together cover each example once per
 epoch, and a run on many hosts sees the same global batches as a run on one.
 """
 
-import queue
-import threading
-from collections.abc import Callable, Iterator
+import collections
+import concurrent.futures
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import jax
@@ -68,74 +68,54 @@ def shard_bounds(batch_size: int, process_index: int, process_count: int) -> sli
     return slice(process_index * local, (process_index + 1) * local)
 
 
-def epoch_batches(
-    source: Source,
+def epoch_plan(
     key,
+    num_examples: int,
     batch_size: int,
     drop_remainder: bool = False,
     *,
     shard: slice = slice(None),
     start_step: int = 0,
-) -> Iterator[dict]:
-    """Host batches `{"x", "y", "mask"}` of one epoch, from step `start_step` on.
-
-    The batches of `fml.train.epoch_indices(key, len(source), batch_size,
-    drop_remainder)`, restricted to the columns `shard` of each batch.
-    """
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`(index_B, mask_B)` of each step of one epoch, from step `start_step` on: the
+    rows of `fml.train.epoch_indices(key, ...)`, restricted to the columns `shard`."""
     from fml.train import epoch_indices  # train imports fml.data: import at call time
 
     index_SxB, mask_SxB = jax.device_get(
-        epoch_indices(key, len(source), batch_size, drop_remainder)
+        epoch_indices(key, num_examples, batch_size, drop_remainder)
     )
-    for index_B, mask_B in zip(index_SxB[start_step:, shard], mask_SxB[start_step:, shard]):
-        yield {**source.read(index_B), "mask": mask_B}
+    return zip(index_SxB[start_step:, shard], mask_SxB[start_step:, shard])
 
 
-def prefetch(batches: Iterator, size: int = 2, put: Callable = jax.device_put) -> Iterator:
-    """Yields `put(b)` for each `b` of `batches`, produced `size` ahead by a thread.
+def read_batch(source: Source, index_B: np.ndarray, mask_B: np.ndarray) -> dict:
+    """The host batch `{"x", "y", "mask"}` of rows `index_B` of `source`."""
+    return {**source.read(index_B), "mask": mask_B}
 
-    With `size=2` the next batch is read and copied to the device while the
-    current step runs (double buffering); `size=0` runs in the caller's thread.
-    The order is that of `batches`; an error in the producer is raised here.
+
+def prefetch(items: Iterable, work: Callable, *, size: int = 2, workers: int = 1) -> Iterator:
+    """Yields `work(item)` for each item in order, computed `size` items ahead by
+    `workers` background threads.
+
+    With `work` reading a batch and placing it on the device and `size=2`, the
+    next batch is read and copied while the current step runs (double buffering);
+    reads that release the GIL (TFDS decoding, numpy gathers) overlap across
+    `workers`. `size=0` works in the caller's thread. Errors are raised here.
     """
     if size == 0:
-        yield from map(put, batches)
+        yield from map(work, items)
         return
-    ready: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-    done = object()
-
-    def offer(item):
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
-    def produce():
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fml-input") as pool:
         try:
-            for batch in batches:
-                if stop.is_set():
-                    return
-                offer((put(batch), None))
-        except BaseException as e:  # handed to the consumer, raised there
-            offer((None, e))
-        offer((done, None))
-
-    thread = threading.Thread(target=produce, daemon=True, name="fml-prefetch")
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) > size:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def global_batch_put(sharding: jax.sharding.Sharding, global_batch_size: int) -> Callable:
@@ -177,7 +157,9 @@ class BatchStream:
       position: where to start, a `Position` or an `(epoch, step)` pair.
       process_index, process_count: this process's shard; by default
         `jax.process_index()` and `jax.process_count()`.
-      prefetch: batches read and placed ahead by a background thread (0: none).
+      prefetch: batches read and placed ahead by background threads (0: none).
+      workers: threads reading batches in parallel (for sources whose reads
+        release the GIL, like TFDS decoding); the order stays the same.
       sharding: when given, local batches are assembled into global arrays laid
         out by it (`global_batch_put`); otherwise `jax.device_put` to the default
         device. Pass `put=` instead to place batches yourself (e.g. `lambda b: b`).
@@ -204,6 +186,7 @@ class BatchStream:
         process_index: int | None = None,
         process_count: int | None = None,
         prefetch: int = 2,
+        workers: int = 1,
         sharding: jax.sharding.Sharding | None = None,
         put: Callable | None = None,
     ):
@@ -215,8 +198,8 @@ class BatchStream:
             raise ConfigError(
                 f"batch_size {batch_size} > {len(source)} examples with drop_remainder"
             )
-        if prefetch < 0:
-            raise ConfigError(f"expected prefetch >= 0, got {prefetch}")
+        if prefetch < 0 or workers < 1:
+            raise ConfigError(f"expected prefetch >= 0 and workers >= 1, got {prefetch}, {workers}")
         self.source = source
         self.batch_size = batch_size
         self.seed = seed
@@ -225,7 +208,7 @@ class BatchStream:
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.shard = shard_bounds(batch_size, self.process_index, self.process_count)
-        self.prefetch = prefetch
+        self.prefetch, self.workers = prefetch, workers
         if put is None:
             put = jax.device_put if sharding is None else global_batch_put(sharding, batch_size)
         self.put = put
@@ -244,35 +227,51 @@ class BatchStream:
             )
         return position
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        """This process's host batches (not placed, not prefetched) of one epoch."""
-        return epoch_batches(
-            self.source,
+    def _epoch_plan(self, epoch: int, start_step: int = 0):
+        return epoch_plan(
             epoch_key(self.seed, epoch),
+            len(self.source),
             self.batch_size,
             self.drop_remainder,
             shard=self.shard,
             start_step=start_step,
         )
 
-    def _host_batches(self, start: Position) -> Iterator[tuple[Position, dict]]:
+    def _read_and_put(self, plan_item) -> dict:
+        index_B, mask_B = plan_item
+        return self.put(read_batch(self.source, index_B, mask_B))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """This process's host batches of one epoch (read lazily, not placed)."""
+        return (read_batch(self.source, i, m) for i, m in self._epoch_plan(epoch, start_step))
+
+    def device_batches(self, epoch: int) -> Iterator[dict]:
+        """This process's batches of one epoch, prefetched and placed; `position`
+        is left alone (what `fml.fit` reads)."""
+        return prefetch(
+            self._epoch_plan(epoch), self._read_and_put, size=self.prefetch, workers=self.workers
+        )
+
+    def _plan(self, start: Position) -> Iterator[tuple[Position, tuple]]:
+        """(position after, plan item) of every step from `start` on."""
         epoch, step = start
         while self.epochs is None or epoch < self.epochs:
-            for batch in self.epoch(epoch, step):
+            for item in self._epoch_plan(epoch, step):
                 step += 1
                 if step == self.steps_per_epoch:
                     epoch, step = epoch + 1, 0
-                yield Position(epoch, step), batch
+                yield Position(epoch, step), item
             step = 0
 
     def __iter__(self) -> Iterator[dict]:
         """Batches from `position` on; `position` advances as each is handed out."""
 
-        def put(item):
-            after, batch = item
-            return after, self.put(batch)
+        def work(planned):
+            after, item = planned
+            return after, self._read_and_put(item)
 
-        for after, batch in prefetch(self._host_batches(self.position), self.prefetch, put):
+        planned = self._plan(self.position)
+        for after, batch in prefetch(planned, work, size=self.prefetch, workers=self.workers):
             self.position = after
             yield batch
 
