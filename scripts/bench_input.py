@@ -52,21 +52,20 @@ def write_tfds_set(images, labels, data_dir: str):
     )  # fmt: skip
 
 
-def timed(run, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of `run` (after one warm-up call)."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def interleaved_rates(runs: dict, samples: int, repeats: int) -> dict:
+    """Samples/second (median, min, max) of each `run()`, after one warm-up call each;
+    the runs take turns within each repeat so that load from other jobs on the
+    machine falls on all of them alike."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def rate(samples: int, times: list[float]) -> tuple[float, float, float]:
-    """Samples/second: median, min, max over the repeats."""
-    rates = [samples / t for t in times]
-    return statistics.median(rates), min(rates), max(rates)
+    seconds = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[label].append(time.perf_counter() - started)
+    rates = {label: [samples / t for t in times] for label, times in seconds.items()}
+    return {label: (statistics.median(r), min(r), max(r)) for label, r in rates.items()}
 
 
 def compiled_step(model):
@@ -78,7 +77,8 @@ def compiled_step(model):
     return step, lambda: fml.train.init_state(model, tx, SHAPE)
 
 
-def step_rate(step, state, batch_size: int, steps: int, repeats: int):
+def step_run(step, state, batch_size: int, steps: int):
+    """Runs `steps` train steps on one batch already on the device."""
     x, y = synthetic_mnist(batch_size)
     batch = jax.device_put(
         {"x": x / np.float32(255), "y": y, "mask": np.ones(batch_size, np.float32)}
@@ -90,22 +90,23 @@ def step_rate(step, state, batch_size: int, steps: int, repeats: int):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
 
-    return rate(steps * batch_size, timed(run, repeats))
+    return run
 
 
-def stream_rate(source, batch_size: int, steps: int, repeats: int):
-    stream = BatchStream(source, batch_size=batch_size, seed=0)
-    batches = iter(stream)
+def stream_run(source, workers: int, batch_size: int, steps: int):
+    """Reads `steps` batches through the pipeline onto the device."""
+    batches = iter(BatchStream(source, batch_size=batch_size, seed=0, workers=workers))
 
     def run():
         for batch in itertools.islice(batches, steps):
             jax.block_until_ready(batch)
 
-    return rate(steps * batch_size, timed(run, repeats))
+    return run
 
 
-def fed_rate(step, state, source, batch_size: int, steps: int, repeats: int):
-    batches = iter(BatchStream(source, batch_size=batch_size, seed=0))
+def fed_run(step, state, source, workers: int, batch_size: int, steps: int):
+    """Runs `steps` train steps fed by the pipeline, as `fit` does."""
+    batches = iter(BatchStream(source, batch_size=batch_size, seed=0, workers=workers))
 
     def run():
         nonlocal state
@@ -113,12 +114,12 @@ def fed_rate(step, state, source, batch_size: int, steps: int, repeats: int):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
 
-    return rate(steps * batch_size, timed(run, repeats))
+    return run
 
 
 def show(label: str, figures) -> str:
     median, low, high = figures
-    return f"{label:<44} {median:>12,.0f}   ({low:,.0f} - {high:,.0f})"
+    return f"{label:<52} {median:>12,.0f}   ({low:,.0f} - {high:,.0f})"
 
 
 def main():
@@ -128,6 +129,7 @@ def main():
     parser.add_argument("--disk-examples", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="reader threads to compare")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     args = parser.parse_args()
     if args.quick:
@@ -139,31 +141,35 @@ def main():
         write_tfds_set(images[: args.disk_examples], labels[: args.disk_examples], data_dir)
         disk = fml.data.tfds_source("mnist", split="train", data_dir=data_dir)
         b, s, r = args.batch_size, args.steps, args.repeats
-        pipelines = {
-            "in-memory": stream_rate(memory, b, s, r),
-            "TFDS ArrayRecord on disk": stream_rate(disk, b, s, r),
+        sources = {
+            "in-memory": (memory, 1),
+            "TFDS ArrayRecord on disk": (disk, 1),
+            f"TFDS ArrayRecord on disk, {args.workers} workers": (disk, args.workers),
         }
-        print(
-            f"samples/second, batch {b}, {s} steps x {r} repeats: median (min - max); "
-            f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"
-        )
-        for label, figures in pipelines.items():
-            print(show(f"pipeline, {label}", figures))
-        for name, model in {
+        runs = {f"pipeline, {label}": stream_run(*src, b, s) for label, src in sources.items()}
+        models = {
             "MLP 784-256-256-10": fml.models.mlp([256, 256, 10]),
             "CNN (mnist_cnn)": mnist_cnn(),
-        }.items():
+        }
+        for name, model in models.items():
             step, fresh_state = compiled_step(model)
-            figures = step_rate(step, fresh_state(), b, s, r)
-            print(show(f"train step alone, {name}", figures))
-            for label, pipeline in pipelines.items():
-                source = memory if label == "in-memory" else disk
-                fed = fed_rate(step, fresh_state(), source, b, s, r)
-                print(show(f"  fed by the stream, {label}", fed))
-                print(
-                    f"  pipeline / step = {pipeline[0] / figures[0]:.1f}x (target >= 5x); "
-                    f"fed / alone = {fed[0] / figures[0]:.2f}"
-                )
+            runs[f"step alone, {name}"] = step_run(step, fresh_state(), b, s)
+            for label, src in sources.items():
+                runs[f"  fed, {name}, {label}"] = fed_run(step, fresh_state(), *src, b, s)
+        rates = interleaved_rates(runs, b * s, r)
+    print(
+        f"samples/second, batch {b}, {s} steps x {r} interleaved repeats: median (min - max); "
+        f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"
+    )
+    for label, figures in rates.items():
+        print(show(label, figures))
+    for name in models:
+        step = rates[f"step alone, {name}"][0]
+        for label in sources:
+            print(
+                f"{name}, {label}: pipeline / step = {rates[f'pipeline, {label}'][0] / step:.1f}x "
+                f"(target >= 5x), fed / alone = {rates[f'  fed, {name}, {label}'][0] / step:.2f}"
+            )
 
 
 if __name__ == "__main__":

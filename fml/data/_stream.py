@@ -105,17 +105,21 @@ def prefetch(items: Iterable, work: Callable, *, size: int = 2, workers: int = 1
         yield from map(work, items)
         return
     pending: collections.deque = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fml-input") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(work, item))
-                if len(pending) > size:
-                    yield pending.popleft().result()
-            while pending:
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fml-input")
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > size:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # Also when the consumer stops early: drop what is queued, don't wait. At
+        # interpreter exit the executor's modules may be torn down: nothing to do then.
+        try:  # noqa: SIM105 (contextlib may be torn down at exit too)
+            pool.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            pass
 
 
 def global_batch_put(sharding: jax.sharding.Sharding, global_batch_size: int) -> Callable:
