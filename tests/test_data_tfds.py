@@ -162,3 +162,5 @@ def test_embedded_sets_keep_their_behaviour():
     assert data.x_train.shape == (1149, 8, 8, 1) and data.x_val.shape == (288, 8, 8, 1)
     with pytest.raises(fml.errors.ConfigError, match="fixed splits"):
         fml.data.load("digits", split=("train[:10%]", "test"))
+    with pytest.raises(fml.errors.ConfigError, match=r"\(train, test\) pair"):
+        fml.data.load("mnist", split="train")

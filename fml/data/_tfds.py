@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from fml.errors import DataError, UnknownNameError, require
+from fml.errors import ConfigError, DataError, UnknownNameError, require
 
 _READ_CHUNK = 4096
 
@@ -187,7 +187,7 @@ def _read_split(name: str, builder, decoder: _Decoder, split: str):
 def load_tfds_arrays(name: str, *, split=("train", "test"), data_dir=None):
     """`(x_train, y_train, x_test, y_test, task, num_classes, info)` of a TFDS set."""
     if isinstance(split, str) or len(split) != 2:
-        raise DataError(
+        raise ConfigError(
             f"expected split as a (train, test) pair of TFDS split names, got {split!r}"
         )
     builder = _builder(name, data_dir)
