@@ -199,7 +199,7 @@ def _(ctx):
     fml.models.from_spec({"family": "transformer"})
 
 
-@row("unknown-data-set", UnknownNameError, "unknown data set 'imagenet'; expected one of")
+@row("unknown-data-set", UnknownNameError, "unknown data set 'imagenet'; expected an embedded set")
 def _(ctx):
     fml.data.load("imagenet")
 
