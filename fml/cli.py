@@ -4,6 +4,7 @@ embedded data, one table); subcommands are registered in `COMMANDS`."""
 import argparse
 import sys
 
+from fml._sweep_cli import add_sweep_command
 from fml.errors import FmlError
 
 
@@ -21,7 +22,7 @@ def _run_main(args):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main]
+COMMANDS = [_add_main, add_sweep_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,8 +91,8 @@ def _complete(configs: list[dict], model: Model, tx) -> list[dict]:
         if "C" in config and "l2" in config:
             raise ConfigError("sweep either C or l2 for an SVM (C sets l2 = 1 / (C n)), not both")
         seed = config["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-            raise ConfigError(f"expected an integer seed, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**31:
+            raise ConfigError(f"expected an integer seed in [0, 2**31), got {seed!r}")
         for name, value in config.items():
             if isinstance(value, bool) or not isinstance(value, int | float | np.number):
                 raise ConfigError(f"expected a number for {name}, got {value!r}")
@@ -289,7 +289,8 @@ def plot(result: SweepResult, path) -> pathlib.Path:
     for ax, name in zip(axes[0], axes_names):
         xs = np.asarray([row[name] for row in result.table], float)
         ys = np.asarray([row[score] for row in result.table], float)
-        ax.scatter(xs, ys, alpha=0.6)
+        ax.scatter(xs, ys, alpha=0.6, label="member")
+        ax.scatter(xs[result.best], ys[result.best], marker="*", s=200, color="C3", label="best")
         levels = np.unique(xs)
         ax.plot(levels, [np.nanmean(ys[xs == v]) for v in levels], "-o", color="C1", label="mean")
         if name != "seed" and levels.min() > 0:
@@ -360,7 +361,7 @@ def _member_means(step_metrics_KxS) -> dict:
 def _shuffle_keys(seeds: Sequence[int], epoch: int):
     """Each member's epoch key, `fold_in(fold_in(key(seed), 1), epoch)` as in `fit`."""
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), epoch))(
-        jnp.asarray(seeds, jnp.uint32)
+        jnp.asarray(seeds, jnp.int32)
     )
 
 
@@ -387,7 +388,7 @@ def _host_epoch(step, state, x, y, keys, batch_size, drop_remainder):
 
 def _init_states(model, tx, input_shape, configs, l2_values):
     """The stacked `TrainState` of all members, each as `init_state` makes it alone."""
-    seeds = jnp.asarray([c["seed"] for c in configs], jnp.uint32)
+    seeds = jnp.asarray([c["seed"] for c in configs], jnp.int32)
     names = [n for n in configs[0] if n not in MODEL_AXES]
     swept = {n: jnp.asarray([c[n] for c in configs], jnp.float32) for n in names}
 
@@ -399,7 +400,7 @@ def _init_states(model, tx, input_shape, configs, l2_values):
             )
         return state
 
-    return jax.jit(jax.vmap(init))(seeds, jnp.asarray(l2_values, jnp.float32), swept)
+    return jax.vmap(init)(seeds, jnp.asarray(l2_values, jnp.float32), swept)
 
 
 def sweep(
@@ -583,12 +584,15 @@ def _table(configs, history, scores, metric) -> list[dict]:
 
 
 def _select(table: list[dict], column: str) -> int:
-    """The member with the best finite `column` (highest metric, lowest loss)."""
+    """The member with the best finite `column` (highest metric, lowest loss); ties
+    go to the lower loss on the same split, then to the lower index."""
     candidates = [row for row in table if not row["diverged"]]
     if not candidates:
         raise TrainingError(
             f"every one of the {len(table)} sweep members diverged (non-finite loss); "
             "lower the learning rates or set clip_norm"
         )
-    sign = 1.0 if column.endswith("_loss") else -1.0
-    return min(candidates, key=lambda row: (sign * row[column], row["index"]))["index"]
+    if column.endswith("_loss"):
+        return min(candidates, key=lambda row: (row[column], row["index"]))["index"]
+    tie_break = column.split("_")[0] + "_loss"
+    return min(candidates, key=lambda row: (-row[column], row[tie_break], row["index"]))["index"]
