@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fml import metrics as metrics_lib
 from fml import models as models_lib
 from fml import rundir
 from fml import train as train_lib
@@ -41,7 +42,7 @@ MODEL_AXES = ("seed", "C", "l2")
 
 
 def _as_values(name: str, value) -> list:
-    values = list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
+    values = list(value) if isinstance(value, list | tuple | range | np.ndarray) else [value]
     if not values:
         raise ConfigError(f"expected at least one value for {name}, got an empty list")
     return values
@@ -145,7 +146,7 @@ class SweepResult:
         """Member `k` as an ordinary single-model `TrainState`."""
         if not -len(self) <= k < len(self):
             raise ConfigError(f"expected a member index in [0, {len(self)}), got {k}")
-        return jax.tree.map(lambda leaf: leaf[k], self.state)
+        return _take(self.state, k)
 
     def member_model(self, k: int) -> Model:
         """Member `k`'s model; for an SVM with C swept, its spec carries that C."""
@@ -177,7 +178,7 @@ class SweepResult:
     def ensemble_predict(self, x, members: Sequence[int] | None = None) -> np.ndarray:
         """The ensemble's outputs `[N, outputs]`: log of the mean class probabilities
         for classifiers with probabilities, else the mean output (SVM scores, regression)."""
-        return np.asarray(_average(jnp.asarray(self.predict(x, members)), self._loss_name()))
+        return np.asarray(_average(self.predict(x, members), self._loss_name()))
 
     def ensemble(self, members: Sequence[int] | None = None) -> dict:
         """The ensemble of `members` (all by default) against its members.
@@ -190,9 +191,9 @@ class SweepResult:
         report = {"size": len(chosen), "metric": self.metric}
         objective = train_lib.make_objective(self.model, self.loss, self.task)
         for split, (x, y) in self.splits.items():
-            outputs = jnp.asarray(self.predict(x, chosen))
+            outputs = self.predict(x, chosen)
             ensemble_outputs = _average(outputs, self._loss_name())
-            report[split] = _scores(objective, self.metric, ensemble_outputs[:, None], y, 0)
+            report[split] = _scores(objective, self.metric, ensemble_outputs[:, None], y)
             report[split] = {k: float(v[0]) for k, v in report[split].items()}
             member = np.asarray([self.table[k][f"{split}_{self.metric}"] for k in chosen])
             report[f"members_{split}"] = {
@@ -207,7 +208,7 @@ class SweepResult:
         if members is None:
             return self.state.params
         index = np.asarray(list(members), np.int32)
-        return jax.tree.map(lambda leaf: leaf[index], self.state.params)
+        return _take(self.state.params, index)
 
     def _loss_name(self) -> str:
         return self.loss or models_lib.default_loss(self.model.spec, self.task)
@@ -321,19 +322,19 @@ def _stacked(model: Model) -> Model:
     return Model(model.init, _members_apply(model.apply), model.spec)
 
 
-def _scores(objective, metric: str, outputs_NxK, y, member_axis: int = 1) -> dict:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _scores(objective, metric: str, outputs_NxKxO, y) -> dict:
     """Per-member loss and metric `{"loss": [K], metric: [K]}` of stacked outputs."""
-    from fml import metrics as metrics_lib
-
     def member(outputs):
         return {
             "loss": jnp.mean(objective.loss(outputs, y)),
             metric: metrics_lib.get(metric)(outputs, y),
         }
 
-    return jax.vmap(member, in_axes=member_axis)(jnp.moveaxis(outputs_NxK, 1, member_axis))
+    return jax.vmap(member, in_axes=1)(outputs_NxKxO)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _average(outputs_NxKxO, loss_name: str):
     """Combines member outputs `[N, K, O]` into ensemble outputs `[N, O]`."""
     if loss_name == "softmax_cross_entropy":
@@ -358,49 +359,80 @@ def _member_means(step_metrics_KxS) -> dict:
     }
 
 
-def _shuffle_keys(seeds: Sequence[int], epoch: int):
+@jax.jit
+def _shuffle_keys(seeds_K, epoch):
     """Each member's epoch key, `fold_in(fold_in(key(seed), 1), epoch)` as in `fit`."""
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), epoch))(
-        jnp.asarray(seeds, jnp.int32)
+        seeds_K
     )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _member_epoch_indices(keys, num_examples, batch_size, drop_remainder):
+    """`epoch_indices` of one key `[S, B]`, or of each member's key `[S, K, B]`."""
+    indices = functools.partial(
+        train_lib.epoch_indices,
+        num_examples=num_examples,
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+    )
+    if keys.ndim == 0:
+        return indices(keys)
+    index_KxSxB, mask_KxSxB = jax.vmap(indices)(keys)
+    return jnp.moveaxis(index_KxSxB, 1, 0), jnp.moveaxis(mask_KxSxB, 1, 0)
+
+
+def _is_key(leaf) -> bool:
+    return jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _stack(trees: list):
+    """Stacks pytrees along a new leading axis (on the host: no compilation)."""
+
+    def stack(*leaves):
+        if _is_key(leaves[0]):
+            return jax.random.wrap_key_data(np.stack([jax.random.key_data(k) for k in leaves]))
+        return jax.device_put(np.stack(jax.device_get(leaves)))
+
+    return jax.tree.map(stack, *trees)
+
+
+def _take(tree, index):
+    """Member(s) `index` of a stacked pytree (on the host: no compilation)."""
+
+    def take(leaf):
+        if _is_key(leaf):
+            return jax.random.wrap_key_data(np.asarray(jax.random.key_data(leaf))[index])
+        return jax.device_put(np.asarray(leaf)[index])
+
+    return jax.tree.map(take, tree)
 
 
 def _host_epoch(step, state, x, y, keys, batch_size, drop_remainder):
     """One epoch of the vmapped step fed from host arrays. With one key (all members
     share a seed) the batch is shared `[B, ...]`, else it is per member `[K, B, ...]`."""
-    indices = functools.partial(
-        train_lib.epoch_indices,
-        num_examples=x.shape[0],
-        batch_size=batch_size,
-        drop_remainder=drop_remainder,
+    index, mask = jax.device_get(
+        _member_epoch_indices(keys, x.shape[0], batch_size, drop_remainder)
     )
-    if keys.ndim == 0:
-        index, mask = jax.device_get(indices(keys))
-    else:
-        index, mask = jax.device_get(jax.vmap(indices)(keys))
-        index, mask = np.moveaxis(index, 1, 0), np.moveaxis(mask, 1, 0)  # [S, K, B]
     per_step = []
     for index_B, mask_B in zip(index, mask):
         state, metrics = step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
         per_step.append(metrics)
-    return state, jax.tree.map(lambda *v: jnp.stack(v, axis=1), *per_step)
+    return state, jax.tree.map(lambda *v: np.stack(v, axis=1), *jax.device_get(per_step))
 
 
 def _init_states(model, tx, input_shape, configs, l2_values):
-    """The stacked `TrainState` of all members, each as `init_state` makes it alone."""
-    seeds = jnp.asarray([c["seed"] for c in configs], jnp.int32)
-    names = [n for n in configs[0] if n not in MODEL_AXES]
-    swept = {n: jnp.asarray([c[n] for c in configs], jnp.float32) for n in names}
-
-    def init(seed, l2, hyperparams):
-        state = train_lib.init_state(model, tx, input_shape, seed=seed, l2=l2)
-        if hyperparams:
-            state = state._replace(
-                opt_state=optax.tree_utils.tree_set(state.opt_state, **hyperparams)
-            )
-        return state
-
-    return jax.vmap(init)(seeds, jnp.asarray(l2_values, jnp.float32), swept)
+    """The stacked `TrainState` of all members, each made by `init_state` exactly as
+    `fit` makes it alone (its eager ops are compiled once and shared with `fit`)."""
+    states = []
+    for config, l2 in zip(configs, l2_values):
+        state = train_lib.init_state(model, tx, input_shape, seed=config["seed"], l2=l2)
+        hyperparams = {
+            n: np.asarray(v, np.float32) for n, v in config.items() if n not in MODEL_AXES
+        }
+        opt_state = optax.tree_utils.tree_set(state.opt_state, **hyperparams)
+        states.append(state._replace(opt_state=opt_state))
+    return _stack(states)
 
 
 def sweep(
@@ -496,8 +528,7 @@ def sweep(
     n = x.shape[0]
     l2_values = [_member_l2(model, c, n) for c in members]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
-    single = jax.tree.map(lambda leaf: leaf[0], state.params)
-    expected = train_lib.num_outputs(model, single) if objective.classify else None
+    expected = _num_outputs(model, state.params, x) if objective.classify else None
     splits = {"val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: v for k, v in splits.items() if v[0] is not None}
     for name, (xs, ys) in {"train": (x, y), **splits}.items():
@@ -520,7 +551,7 @@ def sweep(
 
     history: dict = {}
     for epoch in range(epochs):
-        keys = _shuffle_keys(member_seeds, epoch)
+        keys = _shuffle_keys(np.asarray(member_seeds, np.int32), epoch)
         keys = keys[0] if shared else keys
         if fused:
             state, step_metrics = run(state, x_dev, y_dev, keys)
@@ -549,6 +580,12 @@ def sweep(
     )
 
 
+def _num_outputs(model: Model, params, x) -> int:
+    """Width of the model's output, from its shape on one example of `x`."""
+    member = _take(params, 0)
+    return int(jax.eval_shape(model.apply, member, x[:1]).shape[-1])
+
+
 def _member_l2(model: Model, config: dict, num_train: int) -> float:
     if "l2" in config:
         return float(config["l2"])
@@ -562,7 +599,7 @@ def _split_scores(model, objective, metric, state, splits) -> dict:
     stacked = _stacked(model)
     return {
         split: jax.device_get(
-            _scores(objective, metric, jnp.asarray(train_lib.predict(stacked, state.params, xs)), ys)
+            _scores(objective, metric, train_lib.predict(stacked, state.params, xs), ys)
         )
         for split, (xs, ys) in splits.items()
     }
