@@ -90,8 +90,10 @@ def run_sweep_command(args):
     }
     out = result.save(args.out or f"runs/sweep-{args.family}", config=config)
     print(result.markdown())
-    print(f"\nbest: #{result.best} {result.best_config} (on {result.selected_on}); compiles: "
-          f"{result.compiles}")
+    print(
+        f"\nbest: #{result.best} {result.best_config} (on {result.selected_on}); compiles: "
+        f"{result.compiles}"
+    )
     if dataset.task == "classification":
         report = result.ensemble()
         if "test" in report:

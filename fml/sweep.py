@@ -92,7 +92,11 @@ def _complete(configs: list[dict], model: Model, tx) -> list[dict]:
         if "C" in config and "l2" in config:
             raise ConfigError("sweep either C or l2 for an SVM (C sets l2 = 1 / (C n)), not both")
         seed = config["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**31:
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, int | np.integer)
+            or not 0 <= seed < 2**31
+        ):
             raise ConfigError(f"expected an integer seed in [0, 2**31), got {seed!r}")
         for name, value in config.items():
             if isinstance(value, bool) or not isinstance(value, int | float | np.number):
@@ -253,7 +257,11 @@ class SweepResult:
             "sweep": {"members": len(self), "best": self.best, "selected_on": self.selected_on},
         }
         rundir.save_run(
-            run_dir, model=self.best_model, params=self.best_params, config=run_config, history=history
+            run_dir,
+            model=self.best_model,
+            params=self.best_params,
+            config=run_config,
+            history=history,
         )
         rundir.atomic_write(run_dir / "table.md", (self.markdown() + "\n").encode())
         rundir.atomic_write(run_dir / "table.csv", self.csv().encode())
@@ -286,7 +294,9 @@ def plot(result: SweepResult, path) -> pathlib.Path:
     score = result.selected_on
     axes_names = [n for n in result.configs[0] if len({c[n] for c in result.configs}) > 1]
     axes_names = [n for n in axes_names if n != "seed"] or ["seed"]
-    fig, axes = plt.subplots(1, len(axes_names), figsize=(4.5 * len(axes_names), 3.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(axes_names), figsize=(4.5 * len(axes_names), 3.5), squeeze=False
+    )
     for ax, name in zip(axes[0], axes_names):
         xs = np.asarray([row[name] for row in result.table], float)
         ys = np.asarray([row[score] for row in result.table], float)
@@ -325,6 +335,7 @@ def _stacked(model: Model) -> Model:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _scores(objective, metric: str, outputs_NxKxO, y) -> dict:
     """Per-member loss and metric `{"loss": [K], metric: [K]}` of stacked outputs."""
+
     def member(outputs):
         return {
             "loss": jnp.mean(objective.loss(outputs, y)),
@@ -490,9 +501,7 @@ def sweep(
       >>> len(result.table), result.compiles
       (3, 1)
     """
-    if optimizer in train_lib.FULL_BATCH_OPTIMIZERS or not (
-        optimizer in train_lib.OPTIMIZERS
-    ):
+    if not isinstance(optimizer, str) or optimizer not in train_lib.OPTIMIZERS:
         raise ConfigError(
             f"sweep needs a minibatch optimizer by name, one of "
             f"{sorted(train_lib.OPTIMIZERS)}; got {optimizer!r}"
@@ -519,7 +528,9 @@ def sweep(
             optimizer, clip_norm=clip_norm, **{**(optimizer_kwargs or {}), **first_values}
         )
     except TypeError as e:
-        raise ConfigError(f"optimizer {optimizer!r} does not take {sorted(first_values)}: {e}") from e
+        raise ConfigError(
+            f"optimizer {optimizer!r} does not take {sorted(first_values)}: {e}"
+        ) from e
     members = grid(**axes) if configs is None else [{**defaults, **dict(c)} for c in configs]
     if not members:
         raise ConfigError("expected at least one configuration, got an empty configs list")
@@ -528,7 +539,7 @@ def sweep(
     n = x.shape[0]
     l2_values = [_member_l2(model, c, n) for c in members]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
-    expected = _num_outputs(model, state.params, x) if objective.classify else None
+    expected = train_lib._check_targets(model, _take(state.params, 0), x, y, objective)
     splits = {"val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: v for k, v in splits.items() if v[0] is not None}
     for name, (xs, ys) in {"train": (x, y), **splits}.items():
@@ -578,12 +589,6 @@ def sweep(
         task=task,
         splits=splits,
     )
-
-
-def _num_outputs(model: Model, params, x) -> int:
-    """Width of the model's output, from its shape on one example of `x`."""
-    member = _take(params, 0)
-    return int(jax.eval_shape(model.apply, member, x[:1]).shape[-1])
 
 
 def _member_l2(model: Model, config: dict, num_train: int) -> float:

@@ -49,7 +49,11 @@ def _counted(run):
             value = run()
     finally:
         logger.removeHandler(counter)
-    return time.perf_counter() - started, counter.counts["train_step"] + counter.counts["epoch"], value
+    return (
+        time.perf_counter() - started,
+        counter.counts["train_step"] + counter.counts["epoch"],
+        value,
+    )
 
 
 def _sequential(model_for, data, configs, **kwargs):
@@ -70,16 +74,21 @@ def _sequential(model_for, data, configs, **kwargs):
 
 
 def _case(name, model, data, axes, repeats, **kwargs):
-    configs = grid(seed=axes.get("seeds", [0]), learning_rate=axes["learning_rate"], **(
-        {"C": axes["C"]} if "C" in axes else {}
-    ))
+    configs = grid(
+        seed=axes.get("seeds", [0]),
+        learning_rate=axes["learning_rate"],
+        **({"C": axes["C"]} if "C" in axes else {}),
+    )
 
     def model_for(config):
         if "C" in config:
             return fml.models.from_spec({**model.spec, "C": config["C"]})
         return model
 
-    sweep_axes = {"seeds": axes.get("seeds", [0]), **{k: v for k, v in axes.items() if k != "seeds"}}
+    sweep_axes = {
+        "seeds": axes.get("seeds", [0]),
+        **{k: v for k, v in axes.items() if k != "seeds"},
+    }
     rows = []
     for fused in (False, True):
         times = {"sweep": [], "sequential": []}
@@ -108,7 +117,8 @@ def _case(name, model, data, axes, repeats, **kwargs):
                 "mode": "fused" if fused else "per-step",
                 "sweep_s": times["sweep"],
                 "sequential_s": times["sequential"],
-                "speedup": statistics.median(times["sequential"]) / statistics.median(times["sweep"]),
+                "speedup": statistics.median(times["sequential"])
+                / statistics.median(times["sweep"]),
                 "sweep_compiles_log": compiles["sweep"][0],
                 "sweep_compiles_cache": compiles["sweep"][1],
                 "sequential_compiles_log": compiles["sequential"][0],
@@ -150,7 +160,9 @@ def main():
     data = fml.data.load("mnist1d")
     common = {"epochs": args.epochs, "batch_size": args.batch_size, "repeats": args.repeats}
     device = jax.devices()[0]
-    print(f"bench_sweep on {device.platform.upper()}, {args.epochs} epochs, batch {args.batch_size}")
+    print(
+        f"bench_sweep on {device.platform.upper()}, {args.epochs} epochs, batch {args.batch_size}"
+    )
     print(HEADER)
     rows = _case(
         "MLP 40-256-256-10",

@@ -51,7 +51,7 @@ CASES = {
     "cnn_seeds_fused": (
         models.cnn([models.conv(4, 3), models.max_pool(2), models.dense(8)], 3), _classification(), {"seeds": 2}, True
     ),
-    "gru_seeds_step": (models.rnn("gru", 4, num_classes=3), _classification(), {"seeds": [1, 2]}, False),
+    "rnn_seeds_step": (models.rnn("simple", 4, num_classes=3), _classification(), {"seeds": [1, 2]}, False),
 }  # fmt: skip
 
 
@@ -87,16 +87,26 @@ def test_every_member_matches_fit_alone(name):
         diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state.params, member.params)
         assert max(jax.tree.leaves(diffs)) <= TOLERANCE, diffs
         assert int(member.step) == int(state.step)
-        np.testing.assert_allclose(result.history["train_loss"][:, k], history["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(
+            result.history["train_loss"][:, k], history["train_loss"], rtol=1e-5
+        )
         metric = result.metric
-        np.testing.assert_allclose(result.table[k][f"test_{metric}"], history["test"][metric], atol=1e-6)
+        np.testing.assert_allclose(
+            result.table[k][f"test_{metric}"], history["test"][metric], atol=1e-6
+        )
         np.testing.assert_allclose(result.table[k]["test_loss"], history["test"]["loss"], rtol=1e-5)
 
 
 def test_weight_decay_sweep_matches_adamw_alone():
     model, data = models.mlp([8, 3]), _classification()
     result = fml.sweep(
-        model, data, optimizer="adamw", weight_decay=[0.0, 0.5], learning_rate=3e-2, epochs=2, batch_size=16
+        model,
+        data,
+        optimizer="adamw",
+        weight_decay=[0.0, 0.5],
+        learning_rate=3e-2,
+        epochs=2,
+        batch_size=16,
     )
     assert result.compiles == 1
     for k, decay in [(1, 0.5)]:
@@ -105,9 +115,13 @@ def test_weight_decay_sweep_matches_adamw_alone():
             optimizer_kwargs={"weight_decay": decay}, quiet=True,
         )  # fmt: skip
         np.testing.assert_allclose(
-            result.member_state(k).params["dense_0"]["w"], state.params["dense_0"]["w"], atol=TOLERANCE
+            result.member_state(k).params["dense_0"]["w"],
+            state.params["dense_0"]["w"],
+            atol=TOLERANCE,
         )
-    assert not np.allclose(result.member_state(0).params["dense_0"]["w"], result.member_state(1).params["dense_0"]["w"])
+    assert not np.allclose(
+        result.member_state(0).params["dense_0"]["w"], result.member_state(1).params["dense_0"]["w"]
+    )
 
 
 def test_compiles_once_over_epochs_and_values():
@@ -116,7 +130,13 @@ def test_compiles_once_over_epochs_and_values():
     data = _classification()
     with jax.log_compiles(True):
         result = fml.sweep(
-            models.svm(3), data, seeds=3, learning_rate=[1e-3, 1e-2], C=[0.1, 1.0], epochs=3, batch_size=16
+            models.svm(3),
+            data,
+            seeds=3,
+            learning_rate=[1e-3, 1e-2],
+            C=[0.1, 1.0],
+            epochs=3,
+            batch_size=16,
         )
     assert len(result) == 12
     assert result.compiles == 1
@@ -128,7 +148,9 @@ def test_compiles_once_over_epochs_and_values():
 
 def test_table_selection_and_best_run_directory(tmp_path):
     data = _classification()
-    result = fml.sweep(models.svm(3), data, seeds=2, C=[0.001, 1.0], learning_rate=3e-2, epochs=3, batch_size=16)
+    result = fml.sweep(
+        models.svm(3), data, seeds=2, C=[0.001, 1.0], learning_rate=3e-2, epochs=3, batch_size=16
+    )
     val = np.array([row["val_accuracy"] for row in result.table])
     val_loss = np.array([row["val_loss"] for row in result.table])
     best_rows = np.flatnonzero(val == val.max())
@@ -136,13 +158,17 @@ def test_table_selection_and_best_run_directory(tmp_path):
     assert result.best_model.spec["C"] == result.best_config["C"]
     # Every member's table entry is fml.evaluate on its own params.
     for k in range(len(result)):
-        own = fml.evaluate(result.member_model(k), result.member_state(k).params, data.x_val, data.y_val)
+        own = fml.evaluate(
+            result.member_model(k), result.member_state(k).params, data.x_val, data.y_val
+        )
         np.testing.assert_allclose(result.table[k]["val_accuracy"], own["accuracy"], atol=1e-6)
     run_dir = result.save(tmp_path / "run", config={"dataset": "toy"})
     model, params, config = rundir.load_run(run_dir)
     assert model.spec == result.best_model.spec and config["seed"] == result.best_config["seed"]
     np.testing.assert_allclose(
-        fml.predict(model, params, data.x_test), result.predict(data.x_test)[:, result.best], atol=1e-6
+        fml.predict(model, params, data.x_test),
+        result.predict(data.x_test)[:, result.best],
+        atol=1e-6,
     )
     with open(run_dir / "table.csv") as f:
         assert len(list(csv.DictReader(f))) == len(result)
@@ -157,7 +183,9 @@ def test_table_selection_and_best_run_directory(tmp_path):
 def test_ensemble_averages_member_probabilities(model, classes):
     data = _classification(classes=classes)
     result = fml.sweep(model, data, seeds=3, learning_rate=3e-2, epochs=2, batch_size=16)
-    outputs = np.stack([fml.predict(model, result.member_state(k).params, data.x_test) for k in range(3)])
+    outputs = np.stack(
+        [fml.predict(model, result.member_state(k).params, data.x_test) for k in range(3)]
+    )
     if model.family == "svm":
         labels = outputs.mean(0).argmax(-1)
     elif classes == 2:
@@ -166,7 +194,9 @@ def test_ensemble_averages_member_probabilities(model, classes):
         probs = np.exp(outputs - outputs.max(-1, keepdims=True))
         labels = (probs / probs.sum(-1, keepdims=True)).mean(0).argmax(-1)
     report = result.ensemble()
-    np.testing.assert_allclose(report["test"]["accuracy"], np.mean(labels == data.y_test), atol=1e-6)
+    np.testing.assert_allclose(
+        report["test"]["accuracy"], np.mean(labels == data.y_test), atol=1e-6
+    )
     members = [np.mean(fml.metrics.predict_labels(o) == data.y_test) for o in outputs]
     np.testing.assert_allclose(report["members_test"]["mean"], np.mean(members), atol=1e-6)
     assert result.ensemble(members=[1])["test"]["accuracy"] == pytest.approx(members[1])
@@ -175,7 +205,12 @@ def test_ensemble_averages_member_probabilities(model, classes):
 def test_diverged_member_is_reported_and_never_selected():
     data = _regression()
     result = fml.sweep(
-        models.linear_regression(), data, optimizer="sgd", learning_rate=[1e-2, 1e4], epochs=2, batch_size=16
+        models.linear_regression(),
+        data,
+        optimizer="sgd",
+        learning_rate=[1e-2, 1e4],
+        epochs=2,
+        batch_size=16,
     )
     assert [row["diverged"] for row in result.table] == [False, True]
     assert result.best == 0
@@ -184,7 +219,9 @@ def test_diverged_member_is_reported_and_never_selected():
 def test_configs_list_instead_of_grid():
     data = _classification()
     configs = [{"seed": 4, "learning_rate": 1e-2}, {"seed": 0, "C": 2.0}]
-    result = fml.sweep(models.svm(3), data, configs=configs, C=1.0, learning_rate=3e-2, epochs=1, batch_size=16)
+    result = fml.sweep(
+        models.svm(3), data, configs=configs, C=1.0, learning_rate=3e-2, epochs=1, batch_size=16
+    )
     assert result.configs == [
         {"seed": 4, "learning_rate": 1e-2, "C": 1.0},
         {"seed": 0, "learning_rate": 3e-2, "C": 2.0},
@@ -213,7 +250,16 @@ def test_cli_writes_run_directory(tmp_path, capsys):
     from fml.cli import main
 
     out = tmp_path / "sweep"
-    argv = ["sweep", "logistic_regression", "--dataset", "iris", "--lr", "1e-2,1e-1", "--seeds", "2"]
+    argv = [
+        "sweep",
+        "logistic_regression",
+        "--dataset",
+        "iris",
+        "--lr",
+        "1e-2,1e-1",
+        "--seeds",
+        "2",
+    ]
     assert main([*argv, "--epochs", "2", "--batch-size", "16", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ensemble of 4" in printed
@@ -223,3 +269,11 @@ def test_cli_writes_run_directory(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert sorted({float(r["learning_rate"]) for r in rows}) == [1e-2, 1e-1]
     assert main(["sweep", "mlp", "--dataset", "diabetes", "--out", str(out)]) == 2
+
+
+def test_docstring_examples():
+    import doctest
+    import sys
+
+    result = doctest.testmod(sys.modules["fml.sweep"], optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
