@@ -142,6 +142,7 @@ class SweepResult:
     loss: str | None
     task: str
     splits: dict  # "val" / "test": (x, y), for ensembles
+    input_shape: tuple
 
     def __len__(self) -> int:
         return len(self.configs)
@@ -252,7 +253,7 @@ class SweepResult:
         run_config = {
             **(config or {}),
             **{k: v for k, v in best.items() if k != "C"},
-            "input_shape": list(self.splits_input_shape()),
+            "input_shape": list(self.input_shape),
             "task": self.task,
             "sweep": {"members": len(self), "best": self.best, "selected_on": self.selected_on},
         }
@@ -271,10 +272,6 @@ class SweepResult:
         )
         plot(self, run_dir / "sweep.png")
         return run_dir
-
-    def splits_input_shape(self) -> tuple:
-        x, _ = next(iter(self.splits.values()))
-        return tuple(np.shape(x)[1:])
 
 
 def _format(value) -> str:
@@ -507,8 +504,8 @@ def sweep(
             f"{sorted(train_lib.OPTIMIZERS)}; got {optimizer!r}"
         )
     x, y, x_val, y_val, x_test, y_test, task = train_lib._as_arrays(data, validation)
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"expected epochs to be an int >= 1, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
     if batch_size > x.shape[0] and drop_remainder:
@@ -521,20 +518,9 @@ def sweep(
     axes = {"seed": _seed_list(seeds), "learning_rate": _as_values("learning_rate", learning_rate)}
     axes.update({n: _as_values(n, v) for n, v in (("C", C), ("l2", l2)) if v is not None})
     axes.update({n: _as_values(n, v) for n, v in optimizer_hyperparams.items()})
-    defaults = {n: v[0] for n, v in axes.items()}
-    first_values = {n: v for n, v in defaults.items() if n not in MODEL_AXES}
-    try:
-        tx = train_lib.make_optimizer(
-            optimizer, clip_norm=clip_norm, **{**(optimizer_kwargs or {}), **first_values}
-        )
-    except TypeError as e:
-        raise ConfigError(
-            f"optimizer {optimizer!r} does not take {sorted(first_values)}: {e}"
-        ) from e
-    members = grid(**axes) if configs is None else [{**defaults, **dict(c)} for c in configs]
-    if not members:
-        raise ConfigError("expected at least one configuration, got an empty configs list")
-    members = _complete(members, model, tx)
+    tx, members = _optimizer_and_members(
+        model, axes, configs, optimizer, clip_norm=clip_norm, **(optimizer_kwargs or {})
+    )
     check_arrays(x, y, task=task, where="training data")
     n = x.shape[0]
     l2_values = [_member_l2(model, c, n) for c in members]
@@ -548,30 +534,18 @@ def sweep(
             raise ShapeError(f"{name} data: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
 
     train_step = train_lib.make_train_step(model, objective, tx)
-    member_seeds = [c["seed"] for c in members]
-    shared = len(set(member_seeds)) == 1  # one shuffle: the batch is not mapped
-    key_axis = None if shared else 0
-    if fused:
-        epoch_fn = train_lib.make_epoch(
-            train_step, batch_size=batch_size, drop_remainder=drop_remainder
-        )
-        run = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None, key_axis)), donate_argnums=0)
-        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
-    else:
-        run = jax.jit(jax.vmap(train_step, in_axes=(0, key_axis)), donate_argnums=0)
-
-    history: dict = {}
-    for epoch in range(epochs):
-        keys = _shuffle_keys(np.asarray(member_seeds, np.int32), epoch)
-        keys = keys[0] if shared else keys
-        if fused:
-            state, step_metrics = run(state, x_dev, y_dev, keys)
-        else:
-            state, step_metrics = _host_epoch(run, state, x, y, keys, batch_size, drop_remainder)
-        for k, v in _member_means(jax.device_get(step_metrics)).items():
-            history.setdefault(f"train_{k}", []).append(v)
-    history = {k: np.stack(v) for k, v in history.items()}
-
+    seeds = [c["seed"] for c in members]
+    state, history, run = _train(
+        train_step,
+        state,
+        x,
+        y,
+        seeds,
+        epochs=epochs,
+        batch_size=batch_size,
+        fused=fused,
+        drop_remainder=drop_remainder,
+    )
     table = _table(members, history, _split_scores(model, objective, metric, state, splits), metric)
     selected_on = f"val_{metric}" if "val" in splits else "train_loss"
     best = _select(table, selected_on)
@@ -588,7 +562,51 @@ def sweep(
         loss=loss,
         task=task,
         splits=splits,
+        input_shape=tuple(x.shape[1:]),
     )
+
+
+def _optimizer_and_members(model, axes: dict, configs, optimizer, **optimizer_kwargs):
+    """The optimizer (built with each axis's first value) and the checked members."""
+    defaults = {n: v[0] for n, v in axes.items()}
+    first_values = {n: v for n, v in defaults.items() if n not in MODEL_AXES}
+    try:
+        tx = train_lib.make_optimizer(optimizer, **{**optimizer_kwargs, **first_values})
+    except TypeError as e:
+        raise ConfigError(
+            f"optimizer {optimizer!r} does not take {sorted(first_values)}: {e}"
+        ) from e
+    members = grid(**axes) if configs is None else [{**defaults, **dict(c)} for c in configs]
+    if not members:
+        raise ConfigError("expected at least one configuration, got an empty configs list")
+    return tx, _complete(members, model, tx)
+
+
+def _train(train_step, state, x, y, seeds, *, epochs, batch_size, fused, drop_remainder):
+    """Runs the vmapped step (or fused epoch) for `epochs`; returns the state, the
+    per-epoch `[epochs, K]` train metrics and the jitted function."""
+    shared = len(set(seeds)) == 1  # one shuffle for all: the batch is not mapped
+    key_axis = None if shared else 0
+    if fused:
+        epoch_fn = train_lib.make_epoch(
+            train_step, batch_size=batch_size, drop_remainder=drop_remainder
+        )
+        run = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None, key_axis)), donate_argnums=0)
+        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+    else:
+        run = jax.jit(jax.vmap(train_step, in_axes=(0, key_axis)), donate_argnums=0)
+    history: dict = {}
+    for epoch in range(epochs):
+        keys = _shuffle_keys(np.asarray(seeds, np.int32), epoch)
+        keys = keys[0] if shared else keys
+        if fused:
+            state, step_metrics = run(state, x_dev, y_dev, keys)
+        else:
+            state, step_metrics = _host_epoch(run, state, x, y, keys, batch_size, drop_remainder)
+        for k, v in _member_means(jax.device_get(step_metrics)).items():
+            history.setdefault(f"train_{k}", []).append(v)
+    history = {k: np.stack(v) for k, v in history.items()}
+    return state, history, run
 
 
 def _member_l2(model: Model, config: dict, num_train: int) -> float:
@@ -614,7 +632,7 @@ def _table(configs, history, scores, metric) -> list[dict]:
     rows = []
     for k, config in enumerate(configs):
         row = {"index": k, **config}
-        row["train_loss"] = float(history["train_loss"][-1, k]) if len(history) else math.nan
+        row["train_loss"] = float(history["train_loss"][-1, k])
         for split, values in scores.items():
             row[f"{split}_loss"] = float(values["loss"][k])
             row[f"{split}_{metric}"] = float(values[metric][k])

@@ -237,13 +237,14 @@ def test_configs_list_instead_of_grid():
         (models.mlp([3]), {"optimizer": "lbfgs"}, "minibatch optimizer"),
         (models.mlp([3]), {"learning_rate": []}, "at least one value"),
         (models.mlp([3]), {"seeds": 0}, "seeds >= 1"),
+        (models.mlp([3]), {"epochs": 0}, "epochs to be an int >= 1"),
         (models.mlp([3]), {"learning_rate": [1e-2, -1.0]}, "learning_rate > 0"),
         (models.mlp([3]), {"configs": []}, "at least one configuration"),
     ],
 )
 def test_bad_sweeps_raise_config_error(model, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        fml.sweep(model, _classification(), epochs=1, **kwargs)
+        fml.sweep(model, _classification(), **{"epochs": 1, **kwargs})
 
 
 def test_cli_writes_run_directory(tmp_path, capsys):
