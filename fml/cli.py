@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from fml import _cli_runs
+from fml._sweep_cli import add_sweep_command
 from fml.errors import FmlError
 
 
@@ -22,7 +23,7 @@ def _run_main(args):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main, *_cli_runs.COMMANDS]
+COMMANDS = [_add_main, *_cli_runs.COMMANDS, add_sweep_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
