@@ -14,6 +14,7 @@ users do, so its rows are reordered from fml's NHWC flatten. JAX's asymmetric
 SAME padding becomes an explicit `nn.ZeroPad`/`nn.ConstantPad` in front.
 """
 
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -479,24 +480,56 @@ def _check_keys(what: str, got: set, expected: list) -> None:
         )
 
 
-def save_state_dict(state_dict, path, *, metadata: dict[str, str] | None = None) -> None:
-    """Writes a state dict as `.safetensors` (by suffix, with `metadata`) or with `torch.save`."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        require("safetensors.torch", "torch").save_file(dict(state_dict), path, metadata=metadata)
+def save_state_dict(state_dict, path) -> None:
+    """Writes a state dict as `.safetensors` (by suffix) or else with `torch.save`.
+
+    Unverified; `fml.export.export(..., to="torch" | "safetensors")` checks the
+    file against fml and writes atomically.
+    """
+    if str(path).endswith(".safetensors"):
+        require("safetensors.torch", "torch").save_file(dict(state_dict), str(path))
     else:
-        torch.save(OrderedDict(state_dict), path)
+        torch.save(OrderedDict(state_dict), str(path))
 
 
 def load_state_dict(path) -> "OrderedDict[str, torch.Tensor]":
-    """Reads a state dict from `.safetensors` or a `torch.save` file, never unpickling code
-    (`weights_only=True`)."""
-    path = str(path)
+    """Reads a state dict written by `torch.save` (a zip; loaded with `weights_only=True`)
+    or by safetensors, never unpickling code."""
     try:
-        if path.endswith(".safetensors"):
-            return OrderedDict(require("safetensors.torch", "torch").load_file(path))
-        return OrderedDict(torch.load(path, map_location="cpu", weights_only=True))
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"
+        if is_zip:
+            return OrderedDict(torch.load(str(path), map_location="cpu", weights_only=True))
+        return OrderedDict(require("safetensors.torch", "torch").load_file(str(path)))
     except FileNotFoundError as e:
         raise CheckpointError(f"no state dict file at {path}") from e
     except Exception as e:  # torch and safetensors raise many types for bad files
         raise CheckpointError(f"cannot read a state dict from {path}: {e}") from e
+
+
+# ------------------------------------------------------- `fml.export` target
+
+
+def _metadata(model: Model, input_shape) -> dict[str, str]:
+    return {"fml_spec": json.dumps(model.spec), "input_shape": json.dumps(list(input_shape))}
+
+
+def write_pt(model: Model, params, input_shape, path) -> None:
+    """Writes `to_state_dict(...)` with `torch.save` (reload with `weights_only=True`)."""
+    save_state_dict(to_state_dict(model, params, input_shape), path)
+
+
+def write_safetensors(model: Model, params, input_shape, path) -> None:
+    """Writes `to_state_dict(...)` as safetensors, the spec and input shape as metadata."""
+    state_dict = to_state_dict(model, params, input_shape)
+    require("safetensors.torch", "torch").save_file(
+        dict(state_dict), str(path), metadata=_metadata(model, input_shape)
+    )
+
+
+def run_file(model: Model, input_shape, path, x) -> np.ndarray:
+    """Loads a state dict file into `torch_module` (strictly) and runs it on `x`."""
+    net = torch_module(model, input_shape)
+    net.load_state_dict(load_state_dict(path), strict=True)
+    with torch.no_grad():
+        return net(torch.from_numpy(np.asarray(x, np.float32))).numpy()
