@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from fml.errors import FmlError
+from fml.export.cli import add_export
 
 
 def _add_main(subparsers):
@@ -21,7 +22,7 @@ def _run_main(args):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main]
+COMMANDS = [_add_main, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

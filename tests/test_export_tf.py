@@ -22,13 +22,17 @@ TOLERANCE = 1e-5
 # writes its outputs on both probes.
 RELOAD_WITHOUT_JAX = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys, time
     for name in ("jax", "jaxlib", "fml"):
         sys.modules[name] = None  # `import jax` now raises ImportError
     import numpy as np
     import tensorflow as tf
 
     root = sys.argv[1]
+    deadline = time.monotonic() + 600
+    while not os.path.exists(f"{root}/names.json"):  # written last, by a rename
+        assert time.monotonic() < deadline, "the SavedModels never came"
+        time.sleep(0.05)
     probes = np.load(f"{root}/probes.npz")
     outputs, signatures = {}, {}
     for name in json.loads(open(f"{root}/names.json").read()):
@@ -50,34 +54,48 @@ RELOAD_WITHOUT_JAX = textwrap.dedent(
 )
 
 
-def _second_probe_shape(model, input_shape):
-    """Another batch size, and for RNNs another number of steps."""
-    if model.family == "rnn":
-        return 2, (input_shape[0] + 3, *input_shape[1:])
-    return 2, input_shape
+def _probes(model, input_shape):
+    """A probe batch and one of another size (and, for RNNs, another number of steps)."""
+    first = probe(input_shape)
+    if model.family != "rnn":
+        return {"first": first, "second": first[:2]}
+    return {"first": first, "second": probe((input_shape[0] + 3, *input_shape[1:]), 2, seed=3)}
 
 
 @pytest.fixture(scope="module")
 def reloaded(tmp_path_factory):
-    """Writes every case's SavedModel, reloads them all in one jax-free process."""
+    """Reloads every case's SavedModel in one jax-free process, which starts (and imports
+    tensorflow) while they are written and runs while fml computes its outputs."""
     root = tmp_path_factory.mktemp("saved_models")
-    probes, expected = {}, {}
-    for name, model, input_shape in CASES:
-        params = random_params(model, input_shape)
-        write_saved_model(model, params, input_shape, root / name)
-        batch, shape = _second_probe_shape(model, input_shape)
-        for key, x in (("first", probe(input_shape)), ("second", probe(shape, batch, seed=3))):
-            probes[f"{name}/{key}"] = x
-            expected[f"{name}/{key}"] = fml_forward(model, params, x)
-    np.savez(root / "probes.npz", **probes)
-    (root / "names.json").write_text(json.dumps(IDS))
-    result = subprocess.run(
+    reload = subprocess.Popen(
         [sys.executable, "-c", RELOAD_WITHOUT_JAX, str(root)],
-        capture_output=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
-        timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        probes, params = {}, {}
+        for name, model, input_shape in CASES:
+            params[name] = random_params(model, input_shape)
+            write_saved_model(model, params[name], input_shape, root / name)
+            probes.update({f"{name}/{k}": x for k, x in _probes(model, input_shape).items()})
+        np.savez(root / "probes.npz", **probes)
+        (root / "names.tmp").write_text(json.dumps(IDS))
+        (root / "names.tmp").rename(root / "names.json")
+        expected = {}
+        for name, model, _ in CASES:
+            first = fml_forward(model, params[name], probes[f"{name}/first"])
+            second = probes[f"{name}/second"]
+            expected[f"{name}/first"] = first
+            expected[f"{name}/second"] = (
+                first[: len(second)]
+                if model.family != "rnn"
+                else fml_forward(model, params[name], second)
+            )
+        _, stderr = reload.communicate(timeout=600)
+    finally:
+        reload.kill()
+    assert reload.returncode == 0, stderr[-3000:]
     report = json.loads((root / "report.json").read_text())
     with np.load(root / "outputs.npz") as outputs:
         got = {k: outputs[k] for k in outputs.files}

@@ -2,16 +2,20 @@
 layers, the state dict round-trips bit-exactly, files reload without unpickling code,
 ONNX matches in onnxruntime, and bad inputs fail with errors naming the problem."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from fml import models
+from fml import cli, models
 from fml.errors import CheckpointError, ExportError
+from fml.export import export
 from fml.export import torch as fml_torch
 from fml.models import avg_pool, cnn, conv, dense, dropout, flatten, max_pool
+from fml.rundir import load_run, save_run
 
 # (id, model, input_shape): every family and variant the issue lists.
 CASES = [
@@ -226,3 +230,60 @@ def test_layer_torch_cannot_express():
         fml_torch.torch_module(odd, (9, 8, 3))
     with pytest.raises(ExportError, match=r"family 'transformer'"):
         fml_torch.to_state_dict(models.Model(None, None, {"family": "transformer"}), {}, (3,))
+
+
+@pytest.mark.parametrize("name", ["cnn2d_same_pools", "lstm_2layer_bidirectional", "mlp"])
+def test_onnx_matches_fml_with_dynamic_batch(name, tmp_path, diffs):
+    """Verified at export on a batch of 4; then a batch of 3 (and 9 steps for RNNs)."""
+    import onnxruntime
+
+    _, model, input_shape = CASES[IDS.index(name)]
+    params = random_params(model, input_shape)
+    result = export(model, params, tmp_path / "m.onnx", to="onnx", input_shape=input_shape)
+    shape = (9, *input_shape[1:]) if model.family == "rnn" else input_shape
+    x = probe(shape, batch=3)
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["y"], {"x": x})
+    diff = max(result.max_abs_diff, max_diff(got, fml_forward(model, params, x)))
+    _note(diffs, "onnx", diff)
+    assert diff <= 1e-4
+
+
+def _write_run(tmp_path, name):
+    _, model, input_shape = CASES[IDS.index(name)]
+    params = random_params(model, input_shape)
+    config = {"family": model.family, "input_shape": list(input_shape)}
+    return save_run(tmp_path / "run", model=model, params=params, config=config), params
+
+
+def test_cli_exports_a_run_dir(tmp_path, capsys):
+    run_dir, params = _write_run(tmp_path, "cnn1d_same_strided_avg")
+    assert cli.main(["export", str(run_dir), "--to", "safetensors"]) == 0
+    assert re.search(r"max abs diff vs fml on a probe batch \S+ \(tolerance", capsys.readouterr().out)
+    path = run_dir / "export" / "model.safetensors"
+    model, _, config = load_run(run_dir)
+    back = fml_torch.from_state_dict(
+        model, fml_torch.load_state_dict(path), tuple(config["input_shape"])
+    )
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    out = tmp_path / "elsewhere" / "weights.pt"
+    assert cli.main(["export", str(run_dir), "--to", "torch", "--out", str(out)]) == 0
+    assert sorted(fml_torch.load_state_dict(out)) == sorted(fml_torch.load_state_dict(path))
+
+
+def test_cli_reports_a_missing_run_dir(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "nope"), "--to", "torch"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
+    _, model, input_shape = CASES[IDS.index("svm_ovr")]
+    params = random_params(model, input_shape)
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"an earlier export")
+    monkeypatch.setattr(fml_torch, "run_file", lambda *a: np.zeros((4, 3), np.float32))
+    with pytest.raises(ExportError, match=r"torch export of svm does not reproduce fml"):
+        export(model, params, path, to="torch", input_shape=input_shape)
+    assert path.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
