@@ -132,9 +132,7 @@ def test_verified_export_replaces_only_on_success(tmp_path, monkeypatch):
     import fml.export.tensorflow as tf_export
 
     real_run = tf_export.run_saved_model
-    monkeypatch.setattr(
-        tf_export, "run_saved_model", lambda *a: real_run(*a) + np.float32(1e-3)
-    )
+    monkeypatch.setattr(tf_export, "run_saved_model", lambda *a: real_run(*a) + np.float32(1e-3))
     with pytest.raises(ExportError, match=r"max abs diff 0\.001.* exceeds tolerance"):
         export(model, params, path, to="savedmodel", input_shape=input_shape)
     assert sorted(p.name for p in path.iterdir()) == before

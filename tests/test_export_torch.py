@@ -26,17 +26,42 @@ CASES = [
     ("svm_binary", models.svm(2), (6,)),
     ("svm_ovr", models.svm(3, loss="squared_hinge"), (6,)),
     ("mlp", models.mlp([16, 8, 3], dropout=0.2), (7,)),
-    ("cnn1d_valid_max", cnn([conv(4, 3, padding="VALID"), max_pool(2), dense(8)], 3), (12, 2)),
+    (
+        "cnn1d_valid_max",
+        cnn(
+            [
+                conv(4, 3, padding="VALID"),
+                max_pool(2),
+                max_pool(3, stride=1, padding="SAME"),
+                dense(8),
+            ],
+            3,
+        ),
+        (12, 2),
+    ),
     ("cnn1d_same_strided_avg", cnn([conv(4, 4, stride=2), avg_pool(2), conv(3, 3)], 2), (11, 2)),
     (
         "cnn2d_valid_max",
         cnn([conv(4, 3, padding="VALID"), max_pool(2), dense(8, activation="tanh")], 3),
         (9, 8, 3),
     ),
-    ("cnn2d_same_strided", cnn([conv(4, 3, stride=2), conv(5, (3, 2), stride=(2, 1))], 3), (8, 8, 2)),
+    (
+        "cnn2d_same_strided",
+        cnn([conv(4, 3, stride=2), conv(5, (3, 2), stride=(2, 1))], 3),
+        (8, 8, 2),
+    ),
     (
         "cnn2d_int_padding_avg",
-        cnn([conv(4, 3, padding=1), avg_pool(2), conv(4, 2, padding=2), flatten(), dropout(0.3)], 2),
+        cnn(
+            [
+                conv(4, 3, padding=1),
+                avg_pool(2),
+                conv(4, 2, padding=[(0, 2), (1, 0)]),
+                flatten(),
+                dropout(0.3),
+            ],
+            2,
+        ),
         (6, 6, 1),
     ),
     (
@@ -141,7 +166,10 @@ def test_rnn_lengths_match_packed_sequences(name, diffs):
     assert diff <= TOLERANCE
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu", "silu", "softplus", "linear"])
+@pytest.mark.parametrize(
+    "activation",
+    ["relu", "tanh", "sigmoid", "gelu", "elu", "leaky_relu", "silu", "softplus", "linear"],
+)
 def test_every_activation(activation, diffs):
     model = models.mlp([6, 2], activation=activation)
     params = random_params(model, (3,))
@@ -259,7 +287,9 @@ def _write_run(tmp_path, name):
 def test_cli_exports_a_run_dir(tmp_path, capsys):
     run_dir, params = _write_run(tmp_path, "cnn1d_same_strided_avg")
     assert cli.main(["export", str(run_dir), "--to", "safetensors"]) == 0
-    assert re.search(r"max abs diff vs fml on a probe batch \S+ \(tolerance", capsys.readouterr().out)
+    assert re.search(
+        r"max abs diff vs fml on a probe batch \S+ \(tolerance", capsys.readouterr().out
+    )
     path = run_dir / "export" / "model.safetensors"
     model, _, config = load_run(run_dir)
     back = fml_torch.from_state_dict(

@@ -19,7 +19,9 @@ def add_export(subparsers) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help="where to write (default RUN_DIR/export/" + "|".join(t.filename for t in TARGETS.values()) + ")",
+        help="where to write (default RUN_DIR/export/"
+        + "|".join(t.filename for t in TARGETS.values())
+        + ")",
     )
     p.add_argument(
         "--tolerance",

@@ -474,10 +474,10 @@ def _check_keys(what: str, got: set, expected: list) -> None:
     missing = [k for k in expected if k not in got]
     extra = sorted(got - set(expected))
     if missing or extra:
-        problem = f"is missing key {missing[0]!r}" if missing else f"has unexpected key {extra[0]!r}"
-        raise CheckpointError(
-            f"{what} {problem}; expected keys {expected}, got {sorted(got)}"
+        problem = (
+            f"is missing key {missing[0]!r}" if missing else f"has unexpected key {extra[0]!r}"
         )
+        raise CheckpointError(f"{what} {problem}; expected keys {expected}, got {sorted(got)}")
 
 
 def save_state_dict(state_dict, path) -> None:
