@@ -1,6 +1,7 @@
 """TensorFlow export: a SavedModel made by `jax2tf` from fml's jitted apply.
 
-The SavedModel holds the params as `tf.Variable`s on a `tf.Module` and one
+The SavedModel holds the params as `tf.Variable`s on a `tf.Module` (`.params`, the
+fml param dict; gradients flow to them, so it can be fine-tuned in TF) and one
 `serving_default` signature taking `x` (float32 `[batch, *input_shape]`, batch
 polymorphic; for RNNs time is polymorphic too) and returning `{"y": outputs}`.
 Its graph is one `XlaCallModule` op serialised for `platforms`, so it loads and
@@ -37,7 +38,6 @@ def write_saved_model(
         jax.jit(lambda p, x: model.apply(p, x)),
         polymorphic_shapes=[None, poly],
         native_serialization_platforms=tuple(platforms),
-        with_gradient=False,
     )
     variables = jax.tree.map(lambda a: tf.Variable(np.asarray(a), name="param"), params)
     module = tf.Module()
