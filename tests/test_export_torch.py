@@ -317,3 +317,16 @@ def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
         export(model, params, path, to="torch", input_shape=input_shape)
     assert path.read_bytes() == b"an earlier export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_cnn_flatten_dense_flatten_dense():
+    """Only the first dense after a spatial input has its rows reordered; large inputs
+    check softplus where exp overflows."""
+    model = cnn([conv(3, 2, activation="softplus"), flatten(), dense(5), flatten(), dense(4)], 2)
+    input_shape = (4, 5, 2)
+    params = random_params(model, input_shape)
+    x = 60 * probe(input_shape)
+    net = fml_torch.torch_module(model, input_shape)
+    net.load_state_dict(fml_torch.to_state_dict(model, params, input_shape), strict=True)
+    want = fml_forward(model, params, x)
+    assert max_diff(torch_forward(net, x), want) <= TOLERANCE * max(1.0, np.abs(want).max())

@@ -159,7 +159,7 @@ _ACTIVATIONS = {
     "elu": nn.ELU,
     "leaky_relu": lambda: nn.LeakyReLU(0.01),
     "silu": nn.SiLU,
-    "softplus": lambda: nn.Softplus(threshold=1e9),  # exact log(1 + e^x), as JAX
+    "softplus": nn.Softplus,  # x itself above 20, where log(1 + e^x) - x < 3e-9
 }
 
 
@@ -283,7 +283,7 @@ def _pool_modules(i, layer, spatial):
 
 def _cnn_plan(spec, input_shape, shapes) -> Plan:
     spatial, channels = tuple(input_shape[:-1]), input_shape[-1]
-    flat = False  # once flattened, `spatial`/`channels` describe what was flattened
+    flat, flattened_from = False, None  # the NHWC shape the next dense layer's rows come from
     named, entries = [("channels_first", ChannelsFirst())], []
     for i, layer in enumerate(spec["layer_specs"]):
         kind = layer["type"]
@@ -298,20 +298,19 @@ def _cnn_plan(spec, input_shape, shapes) -> Plan:
             more, spatial = _pool_modules(i, layer, spatial)
         elif kind == "dropout":
             more = [(f"dropout_{i}", nn.Dropout(layer["rate"]))]
-        elif kind == "flatten":
-            more = [(f"flatten_{i}", None if flat else nn.Flatten())]
-            flat_from, flat = (spatial, channels), True
-        else:  # dense
-            name = f"dense_{i}"
-            more = [] if flat else [(f"flatten_{i}", nn.Flatten())]
+        else:  # flatten or dense; a flat input stays as it is
+            more = []
             if not flat:
-                flat_from, flat = (spatial, channels), True
-            more += [
-                (name, nn.Linear(*shapes[name]["w"].shape)),
-                (f"act_{i}", _activation(layer["activation"], f"cnn layer {i}")),
-            ]
-            entries += _linear_entries(name, name, flat_from)
-            flat_from = None
+                more.append((f"flatten_{i}", nn.Flatten()))
+                flat, flattened_from = True, (spatial, channels)
+            if kind == "dense":
+                name = f"dense_{i}"
+                more += [
+                    (name, nn.Linear(*shapes[name]["w"].shape)),
+                    (f"act_{i}", _activation(layer["activation"], f"cnn layer {i}")),
+                ]
+                entries += _linear_entries(name, name, flattened_from)
+                flattened_from = None  # later dense layers see torch's own order
         named += more
     return Plan(_sequential(named), entries)
 
