@@ -4,6 +4,7 @@ embedded data, one table); subcommands are registered in `COMMANDS`."""
 import argparse
 import sys
 
+from fml import _cli_runs
 from fml.errors import FmlError
 from fml.export.cli import add_export
 
@@ -22,7 +23,7 @@ def _run_main(args):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main, add_export]
+COMMANDS = [_add_main, *_cli_runs.COMMANDS, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
