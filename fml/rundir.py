@@ -136,6 +136,11 @@ def load_run(run_dir):
     config = _read_json(run_dir / "config.json")
     model = models.from_spec(spec)
     params = load_params(run_dir / "params.npz")
+    if not isinstance(config.get("input_shape"), list):
+        raise CheckpointError(
+            f"{run_dir / 'config.json'}: expected an 'input_shape' list, got "
+            f"{config.get('input_shape')!r}"
+        )
     input_shape = tuple(config["input_shape"])
     expected = jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.key(0))
     got = jax.tree.map(np.shape, params)
