@@ -338,18 +338,6 @@ def _task(objective: Objective) -> str:
     return "classification" if objective.classify else "regression"
 
 
-def _check_targets(model: Model, params, x, y, where: str) -> None:
-    """Raises `ShapeError` unless regression targets `y` fit the model's outputs."""
-    example = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
-    out = jax.eval_shape(model.apply, params, example).shape[1:]
-    if y.shape[1:] != out and not (out[-1:] == (1,) and y.shape[1:] == out[:-1]):
-        raise ShapeError(
-            f"{where}: float targets mean regression, and the model's outputs are "
-            f"(N, {', '.join(map(str, out))}), so expected y of shape (N, {', '.join(map(str, out))})"
-            f", got {y.shape}; for classification pass integer labels"
-        )
-
-
 def num_outputs(model: Model, params) -> int:
     """Width of the model's output layer, read off its params."""
     last = list(params.values())[-1]
@@ -360,7 +348,7 @@ def _batch_shape(dims) -> str:
     return str(("N", *dims)).replace("'", "")
 
 
-def _check_targets(model: Model, params, x, y, objective: Objective) -> int | None:
+def _check_targets(model: Model, params, x, y, objective: Objective, where: str) -> int | None:
     """Traces `apply` on one example (checking the input) and checks the targets'
     shape against the output's; returns the classifier's output width, or None."""
     out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
@@ -369,13 +357,15 @@ def _check_targets(model: Model, params, x, y, objective: Objective) -> int | No
         want = () if outputs == (1,) else outputs[:-1]
         if tuple(y.shape[1:]) != want:
             raise ShapeError(
-                f"{model.family}: expected integer labels of shape {_batch_shape(want)} for "
-                f"outputs of shape {_batch_shape(outputs)}, got {y.shape}"
+                f"{where}: expected integer labels of shape {_batch_shape(want)} for "
+                f"{model.family} outputs of shape {_batch_shape(outputs)}, got {y.shape}"
             )
         return outputs[-1]
     if tuple(y.shape[1:]) not in (outputs, () if outputs == (1,) else None):
         raise ShapeError(
-            f"{model.family}: expected targets of shape {_batch_shape(outputs)}, got {y.shape}"
+            f"{where}: float targets mean regression, and the {model.family} outputs are "
+            f"{_batch_shape(outputs)}, so expected y of shape {_batch_shape(outputs)}, got "
+            f"{y.shape}; for classification pass integer labels"
         )
     return None
 
@@ -531,10 +521,8 @@ def fit(
         state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
     else:
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
-    expected = _check_targets(model, state.params, x, y, objective)
+    expected = _check_targets(model, state.params, x, y, objective, "training data")
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
-    if not objective.classify:
-        _check_targets(model, state.params, x, y, "training data")
     for name, (xs, ys) in {
         "validation data": (x_val, y_val),
         "test data": (x_test, y_test),
@@ -543,8 +531,7 @@ def fit(
             check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
-            if not objective.classify:
-                _check_targets(model, state.params, xs, ys, name)
+            _check_targets(model, state.params, xs, ys, objective, name)
 
     steps_per_epoch = _steps_per_epoch(num_examples, batch_size, drop_remainder)
     history, best, epoch_metrics, stopped = History(), (math.inf, None, -1), [], False
