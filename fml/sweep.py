@@ -525,7 +525,9 @@ def sweep(
     n = x.shape[0]
     l2_values = [_member_l2(model, c, n) for c in members]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
-    expected = train_lib._check_targets(model, _take(state.params, 0), x, y, objective, "training data")
+    expected = train_lib._check_targets(
+        model, _take(state.params, 0), x, y, objective, "training data"
+    )
     splits = {"val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: v for k, v in splits.items() if v[0] is not None}
     for name, (xs, ys) in {"train": (x, y), **splits}.items():

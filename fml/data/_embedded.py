@@ -106,11 +106,7 @@ def load_embedded(
     """Loads an embedded data set (see `EMBEDDED`); see `fml.data.load`."""
     if not isinstance(name, str) or name not in EMBEDDED:
         raise unknown("data set", name, EMBEDDED)
-    validation = check_validation(validation)
-    if standardize not in (None, True, False):
-        raise ConfigError(f"expected standardize to be True, False or None, got {standardize!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"expected seed to be an int >= 0, got {seed!r}")
+    validation = check_options(validation, standardize, seed)
     if standardize is None:
         standardize = name in _STANDARDIZE_BY_DEFAULT
     return make_dataset(
@@ -118,8 +114,14 @@ def load_embedded(
     )
 
 
-def check_validation(validation: float) -> float:
-    return in_range(validation, "validation fraction", 0.0, 1.0)
+def check_options(validation, standardize, seed) -> float:
+    """Checks `load`'s options before anything is read; returns the validation fraction."""
+    validation = in_range(validation, "validation fraction", 0.0, 1.0)
+    if standardize not in (None, True, False):
+        raise ConfigError(f"expected standardize to be True, False or None, got {standardize!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"expected seed to be an int >= 0, got {seed!r}")
+    return validation
 
 
 def make_dataset(
@@ -132,13 +134,13 @@ def make_dataset(
     num_classes,
     info,
     *,
-    validation,
-    standardize,
-    seed,
+    validation: float,
+    standardize: bool,
+    seed: int,
 ) -> Dataset:
-    """A `Dataset` from raw splits: carves validation from train, standardises
-    with train's statistics when asked, casts to float32 inputs and int32 labels."""
-    validation = check_validation(validation)
+    """A `Dataset` from raw splits (options checked by `check_options`): carves
+    validation from train, standardises with train's statistics when asked,
+    casts to float32 inputs and int32 labels."""
     x_val = y_val = None
     if validation > 0:
         x_train, x_val, y_train, y_val = _split_validation(

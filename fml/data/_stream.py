@@ -10,7 +10,6 @@ epoch, and a run on many hosts sees the same global batches as a run on one.
 
 import collections
 import concurrent.futures
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
@@ -77,15 +76,17 @@ def epoch_plan(
     *,
     shard: slice = slice(None),
     start_step: int = 0,
+    stop_step: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`(index_B, mask_B)` of each step of one epoch, from step `start_step` on: the
-    rows of `fml.train.epoch_indices(key, ...)`, restricted to the columns `shard`."""
+    """`(index_B, mask_B)` of steps `start_step..stop_step-1` of one epoch: the rows
+    of `fml.train.epoch_indices(key, ...)`, restricted to the columns `shard`."""
     from fml.train import epoch_indices  # train imports fml.data: import at call time
 
     index_SxB, mask_SxB = jax.device_get(
         epoch_indices(key, num_examples, batch_size, drop_remainder)
     )
-    return zip(index_SxB[start_step:, shard], mask_SxB[start_step:, shard])
+    steps = slice(start_step, stop_step)
+    return zip(index_SxB[steps, shard], mask_SxB[steps, shard])
 
 
 def read_batch(source: Source, index_B: np.ndarray, mask_B: np.ndarray) -> dict:
@@ -232,7 +233,7 @@ class BatchStream:
             )
         return position
 
-    def _epoch_plan(self, epoch: int, start_step: int = 0):
+    def _epoch_plan(self, epoch: int, start_step: int = 0, stop_step: int | None = None):
         return epoch_plan(
             epoch_key(self.seed, epoch),
             len(self.source),
@@ -240,6 +241,7 @@ class BatchStream:
             self.drop_remainder,
             shard=self.shard,
             start_step=start_step,
+            stop_step=stop_step,
         )
 
     def _read_and_put(self, plan_item) -> dict:
@@ -251,10 +253,9 @@ class BatchStream:
         return (read_batch(self.source, i, m) for i, m in self._epoch_plan(epoch, start_step))
 
     def device_batches(self, epoch: int, begin: int = 0, end: int | None = None) -> Iterator[dict]:
-        """This process's batches `begin..end-1` of one epoch, prefetched and placed;
-        `position` is left alone (what `fml.fit` reads)."""
-        end = self.steps_per_epoch if end is None else end
-        plan = itertools.islice(self._epoch_plan(epoch, begin), max(end - begin, 0))
+        """This process's batches of steps `begin..end-1` of one epoch, prefetched and
+        placed; `position` is left alone (what `fml.fit` reads)."""
+        plan = self._epoch_plan(epoch, begin, end)
         return prefetch(plan, self._read_and_put, size=self.prefetch, workers=self.workers)
 
     def _plan(self, start: Position) -> Iterator[tuple[Position, tuple]]:

@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from fml.errors import ConfigError, DataError, UnknownNameError, require
+from fml.errors import ConfigError, DataError, UnknownNameError, require, unknown
 
 _READ_CHUNK = 4096
 
@@ -35,8 +35,8 @@ def _builder(name: str, data_dir):
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UnknownNameError(
-            f"unknown data set {name!r}; expected an embedded set ({', '.join(sorted(EMBEDDED))}) "
-            "or a tensorflow-datasets name (see `tfds.list_builders()`)"
+            f"{unknown('data set', name, EMBEDDED)} or a tensorflow-datasets name "
+            "(see `tfds.list_builders()`)"
         ) from None
 
 
