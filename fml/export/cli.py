@@ -2,8 +2,6 @@
 
 import pathlib
 
-from fml.errors import CheckpointError
-
 
 def add_export(subparsers) -> None:
     """Registers the `export` subcommand."""
@@ -37,8 +35,6 @@ def run_export(args) -> None:
     from fml.rundir import load_run
 
     model, params, config = load_run(args.run_dir)
-    if "input_shape" not in config:
-        raise CheckpointError(f"config.json in {args.run_dir} has no 'input_shape'")
     out = args.out or pathlib.Path(args.run_dir) / "export" / TARGETS[args.to].filename
     result = export(
         model,
