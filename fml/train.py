@@ -452,7 +452,7 @@ def fit(
         isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
     ):
         raise ConfigError(f"expected patience to be an int >= 0 or None, got {patience!r}")
-    if not isinstance(epochs, int) or epochs < 0:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
