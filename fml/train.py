@@ -242,7 +242,9 @@ def init_state(
     params = model.init(init_key, tuple(input_shape))
     return TrainState(
         params=params,
-        opt_state=optimizer.init(params),
+        # Copied leaf by leaf: some optimizers (lbfgs) alias one buffer twice in
+        # their initial state, which donation would reject.
+        opt_state=jax.tree.map(jnp.copy, optimizer.init(params)),
         step=jnp.zeros((), jnp.int32),
         key=run_key,
         hparams={"l2": jnp.asarray(l2, jnp.float32)},
@@ -341,6 +343,30 @@ def num_outputs(model: Model, params) -> int:
     """Width of the model's output layer, read off its params."""
     last = list(params.values())[-1]
     return int(last["w"].shape[-1])
+
+
+def _batch_shape(dims) -> str:
+    return str(("N", *dims)).replace("'", "")
+
+
+def _check_targets(model: Model, params, x, y, objective: Objective) -> int | None:
+    """Traces `apply` on one example (checking the input) and checks the targets'
+    shape against the output's; returns the classifier's output width, or None."""
+    out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+    outputs = tuple(out.shape[1:])
+    if objective.classify:
+        want = () if outputs == (1,) else outputs[:-1]
+        if tuple(y.shape[1:]) != want:
+            raise ShapeError(
+                f"{model.family}: expected integer labels of shape {_batch_shape(want)} for "
+                f"outputs of shape {_batch_shape(outputs)}, got {y.shape}"
+            )
+        return outputs[-1]
+    if tuple(y.shape[1:]) not in (outputs, () if outputs == (1,) else None):
+        raise ShapeError(
+            f"{model.family}: expected targets of shape {_batch_shape(outputs)}, got {y.shape}"
+        )
+    return None
 
 
 def _mean_metrics(step_metrics) -> dict:
@@ -485,7 +511,7 @@ def fit(
         state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
     else:
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
-    expected = num_outputs(model, state.params) if objective.classify else None
+    expected = _check_targets(model, state.params, x, y, objective)
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
     if not objective.classify:
         _check_targets(model, state.params, x, y, "training data")
