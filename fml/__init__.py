@@ -26,6 +26,7 @@ def __getattr__(name):
         return importlib.import_module("fml.checkpoint")
     raise AttributeError(f"module 'fml' has no attribute {name!r}")
 
+
 __all__ = [
     "FmlError",
     "Model",

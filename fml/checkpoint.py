@@ -19,12 +19,11 @@ are replicated or sharded over local devices save the same way (restore gives
 host-backed arrays; `jax.device_put` them onto a mesh to shard them again).
 
 Example:
-  >>> import fml
-  >>> data = fml.data.load("iris")
-  >>> model = fml.models.mlp([16, 3])
-  >>> _ = fml.fit(model, data, epochs=2, quiet=True, checkpoint_dir="/tmp/fml-doc-run",
-  ...             resume=True)
-  >>> model, state = fml.checkpoint.restore("/tmp/fml-doc-run")
+  >>> import tempfile, fml
+  >>> run_dir = tempfile.mkdtemp()
+  >>> data = fml.data.load("iris")  # 120 training examples: 4 batches of 32
+  >>> _ = fml.fit(fml.models.mlp([16, 3]), data, epochs=2, quiet=True, checkpoint_dir=run_dir)
+  >>> model, state = fml.checkpoint.restore(run_dir)
   >>> int(state.step)
   8
 """

@@ -327,18 +327,6 @@ def _task(objective: Objective) -> str:
     return "classification" if objective.classify else "regression"
 
 
-def _check_targets(model: Model, params, x, y, where: str) -> None:
-    """Raises `ShapeError` unless regression targets `y` fit the model's outputs."""
-    example = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
-    out = jax.eval_shape(model.apply, params, example).shape[1:]
-    if y.shape[1:] != out and not (out[-1:] == (1,) and y.shape[1:] == out[:-1]):
-        raise ShapeError(
-            f"{where}: float targets mean regression, and the model's outputs are "
-            f"(N, {', '.join(map(str, out))}), so expected y of shape (N, {', '.join(map(str, out))})"
-            f", got {y.shape}; for classification pass integer labels"
-        )
-
-
 def num_outputs(model: Model, params) -> int:
     """Width of the model's output layer, read off its params."""
     last = list(params.values())[-1]
@@ -365,6 +353,7 @@ def _check_targets(model: Model, params, x, y, objective: Objective) -> int | No
     if tuple(y.shape[1:]) not in (outputs, () if outputs == (1,) else None):
         raise ShapeError(
             f"{model.family}: expected targets of shape {_batch_shape(outputs)}, got {y.shape}"
+            " (float targets mean regression; classification takes integer labels)"
         )
     return None
 
@@ -513,8 +502,6 @@ def fit(
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
     expected = _check_targets(model, state.params, x, y, objective)
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
-    if not objective.classify:
-        _check_targets(model, state.params, x, y, "training data")
     for name, (xs, ys) in {
         "validation data": (x_val, y_val),
         "test data": (x_test, y_test),
@@ -523,8 +510,7 @@ def fit(
             check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
-            if not objective.classify:
-                _check_targets(model, state.params, xs, ys, name)
+            _check_targets(model, state.params, xs, ys, objective)
 
     steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
     history, best, epoch_metrics, stopped = History(), (math.inf, None, -1), [], False
@@ -718,7 +704,7 @@ def _check_finite_loss(chunk, first_step: int, epoch: int, checkpoints) -> None:
             else "no checkpoint_dir was set"
         )
         raise TrainingError(
-            f"loss became {loss[bad[0]]} in step {first_step + bad[0] + 1} (epoch {epoch}); "
+            f"loss became {loss[bad[0]]} in epoch {epoch} (step {first_step + bad[0] + 1}); "
             f"{where}; lower the learning rate or set clip_norm"
         )
 
