@@ -431,7 +431,11 @@ def restore(run_dir, *, step: int | None = None, optimizer=None) -> tuple[Model,
     Raises:
       CheckpointError: no checkpoint, or a corrupt or mismatched one.
     """
-    restored = Checkpointer(_existing(run_dir), read_only=True).restore(step, optimizer=optimizer)
+    checkpoints = Checkpointer(_existing(run_dir), read_only=True)
+    try:
+        restored = checkpoints.restore(step, optimizer=optimizer)
+    finally:
+        checkpoints.close()
     return restored.model, restored.state
 
 

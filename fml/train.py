@@ -607,6 +607,7 @@ def fit(
             break
     if checkpoints is not None:
         save_checkpoint()
+        checkpoints.close()
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]
