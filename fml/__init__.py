@@ -13,6 +13,7 @@ Example:
 from fml import data, errors, layers, losses, metrics, models, train
 from fml._model import Model
 from fml.errors import FmlError
+from fml.sweep import sweep
 from fml.train import TrainState, evaluate, fit, predict
 
 __version__ = "0.1.0"
@@ -40,5 +41,6 @@ __all__ = [
     "metrics",
     "models",
     "predict",
+    "sweep",
     "train",
 ]

@@ -5,7 +5,9 @@ import argparse
 import sys
 
 from fml import _cli_runs
+from fml._sweep_cli import add_sweep_command
 from fml.errors import FmlError
+from fml.export.cli import add_export
 
 
 def _add_main(subparsers):
@@ -22,7 +24,7 @@ def _run_main(args):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main, *_cli_runs.COMMANDS]
+COMMANDS = [_add_main, *_cli_runs.COMMANDS, add_sweep_command, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

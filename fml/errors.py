@@ -37,6 +37,11 @@ class CheckpointError(FmlError, OSError):
     """A checkpoint is missing, corrupt, or does not match its model."""
 
 
+class ExportError(FmlError, ValueError):
+    """A model cannot be expressed in an export target, or its export does not
+    reproduce fml's outputs."""
+
+
 class MissingDependencyError(FmlError, ImportError):
     """An optional dependency is not installed; the message names the extra."""
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fml import data as data_lib
 from fml import losses as losses_lib
 from fml import metrics as metrics_lib
 from fml import models as models_lib
@@ -302,8 +303,18 @@ def evaluate(
 # ------------------------------------------------------------------ fit
 
 
+def _task_of(y) -> str:
+    return "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+
+
 def _as_arrays(data, validation):
-    """(x, y, x_val, y_val, x_test, y_test, task) from a Dataset or an (x, y) pair."""
+    """(x, y, x_val, y_val, x_test, y_test, task) from a Dataset or an (x, y) pair;
+    for a `BatchStream`, (x, y) are its first examples, for checks and shapes."""
+    if isinstance(data, data_lib.BatchStream):
+        if validation:
+            raise ConfigError("a BatchStream has no validation split; fit a Dataset for one")
+        sample = data.source.read(np.arange(min(len(data.source), 1024)))
+        return sample["x"], sample["y"], None, None, None, None, _task_of(sample["y"])
     if isinstance(data, Dataset):
         val = (data.x_val, data.y_val) if data.x_val is not None else (None, None)
         if validation:
@@ -311,7 +322,7 @@ def _as_arrays(data, validation):
         return data.x_train, data.y_train, *val, data.x_test, data.y_test, data.task
     if isinstance(data, tuple | list) and len(data) == 2:
         x, y = as_array(data[0], "x", "training data"), as_array(data[1], "y", "training data")
-        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+        task = _task_of(y)
         x_val = y_val = None
         if validation and x.ndim:
             in_range(validation, "validation fraction", 0.0, 1.0, closed="neither")
@@ -337,7 +348,7 @@ def _batch_shape(dims) -> str:
     return str(("N", *dims)).replace("'", "")
 
 
-def _check_targets(model: Model, params, x, y, objective: Objective) -> int | None:
+def _check_targets(model: Model, params, x, y, objective: Objective, where: str) -> int | None:
     """Traces `apply` on one example (checking the input) and checks the targets'
     shape against the output's; returns the classifier's output width, or None."""
     out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
@@ -346,14 +357,15 @@ def _check_targets(model: Model, params, x, y, objective: Objective) -> int | No
         want = () if outputs == (1,) else outputs[:-1]
         if tuple(y.shape[1:]) != want:
             raise ShapeError(
-                f"{model.family}: expected integer labels of shape {_batch_shape(want)} for "
-                f"outputs of shape {_batch_shape(outputs)}, got {y.shape}"
+                f"{where}: expected integer labels of shape {_batch_shape(want)} for "
+                f"{model.family} outputs of shape {_batch_shape(outputs)}, got {y.shape}"
             )
         return outputs[-1]
     if tuple(y.shape[1:]) not in (outputs, () if outputs == (1,) else None):
         raise ShapeError(
-            f"{model.family}: expected targets of shape {_batch_shape(outputs)}, got {y.shape}"
-            " (float targets mean regression; classification takes integer labels)"
+            f"{where}: float targets mean regression, and the {model.family} outputs are "
+            f"{_batch_shape(outputs)}, so expected y of shape {_batch_shape(outputs)}, got "
+            f"{y.shape}; for classification pass integer labels"
         )
     return None
 
@@ -408,8 +420,10 @@ def fit(
 
     Args:
       model: a `Model`.
-      data: an `fml.data.Dataset` (its validation and test splits are used) or an
-        `(x, y)` pair of arrays.
+      data: an `fml.data.Dataset` (its validation and test splits are used), an
+        `(x, y)` pair of arrays, or an `fml.data.BatchStream` (data streamed from
+        disk, per-process shards): its batch size, shuffling seed and
+        last-batch policy replace `batch_size` and `drop_remainder` here.
       optimizer: a name ("sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad",
         "lbfgs" for full-batch convex fits) or an optax `GradientTransformation`.
       learning_rate: a float or an optax schedule.
@@ -467,6 +481,8 @@ def fit(
         isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
     ):
         raise ConfigError(f"expected patience to be an int >= 0 or None, got {patience!r}")
+    stream = data if isinstance(data, data_lib.BatchStream) else None
+    num_examples = len(stream.source) if stream else x.shape[0]
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -489,18 +505,22 @@ def fit(
             "labels, got float targets"
         )
     full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_OPTIMIZERS
-    batch_size = x.shape[0] if full_batch else batch_size
-    if batch_size > x.shape[0] and drop_remainder:
-        raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
+    if stream and (fused or full_batch):
+        raise ConfigError("a BatchStream feeds per-step training: not fused=True nor lbfgs")
+    if stream:
+        batch_size, drop_remainder = stream.batch_size, stream.drop_remainder
+    batch_size = num_examples if full_batch else batch_size
+    if batch_size > num_examples and drop_remainder:
+        raise ConfigError(f"batch_size {batch_size} > {num_examples} examples with drop_remainder")
     tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
     if l2 is None:
-        l2 = models_lib.l2_strength(model.spec, x.shape[0])
+        l2 = models_lib.l2_strength(model.spec, num_examples)
     l2 = in_range(l2, "l2", 0.0, math.inf)
     if state is None:
         state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
     else:
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
-    expected = _check_targets(model, state.params, x, y, objective)
+    expected = _check_targets(model, state.params, x, y, objective, "training data")
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
     for name, (xs, ys) in {
         "validation data": (x_val, y_val),
@@ -510,9 +530,9 @@ def fit(
             check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
-            _check_targets(model, state.params, xs, ys, objective)
+            _check_targets(model, state.params, xs, ys, objective, name)
 
-    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    steps_per_epoch = _steps_per_epoch(num_examples, batch_size, drop_remainder)
     history, best, epoch_metrics, stopped = History(), (math.inf, None, -1), [], False
     checkpoints = None
     if checkpoint_dir is not None:
@@ -566,6 +586,7 @@ def fit(
         batch_size=batch_size,
         drop_remainder=drop_remainder,
         fused=fused,
+        stream=stream,
     )
     start_epoch, offset = divmod(int(state.step), steps_per_epoch)
     end_epoch = start_epoch if stopped else (epochs if resume else start_epoch + epochs)
@@ -642,47 +663,57 @@ def _step_ranges(epoch: int, begin: int, steps_per_epoch: int, every: int | None
         begin = end
 
 
-def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused):
+def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, stream=None):
     """`run(state, epoch, begin, end) -> (state, metrics)`: steps `begin..end-1` of an
-    epoch, as jitted steps fed from the host or as one scan over on-device data.
+    epoch, as one scan over on-device data (`fused`) or as jitted steps fed by a
+    `BatchStream` (over `x, y` unless `stream` is given).
 
     The batches are a pure function of `(seed, epoch)`: epoch key
     `fold_in(fold_in(key(seed), 1), epoch)` shuffles with `epoch_indices`.
     """
+    if not fused:
+        step = jax.jit(train_step, donate_argnums=0)
+        stream = stream or data_lib.BatchStream(
+            data_lib.ArraySource(x, y),
+            batch_size=batch_size,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            process_index=0,
+            process_count=1,
+        )
+        return lambda state, epoch, begin, end: _host_steps(
+            step, state, stream.device_batches(epoch, begin, end)
+        )
+
     shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
     steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
-    if fused:
-        run_epoch = jax.jit(
-            make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
-            donate_argnums=0,
-        )
-        run_scan = jax.jit(make_steps(train_step), donate_argnums=0)
-        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
-    else:
-        step = jax.jit(train_step, donate_argnums=0)
+    run_epoch = jax.jit(
+        make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
+        donate_argnums=0,
+    )
+    run_scan = jax.jit(make_steps(train_step), donate_argnums=0)
+    x_dev, y_dev = jax.device_put(x), jax.device_put(y)
 
     @functools.lru_cache(maxsize=1)
     def batches(epoch):
         key = jax.random.fold_in(shuffle_key, epoch)
-        index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
-        return (index_SxB, mask_SxB) if fused else jax.device_get((index_SxB, mask_SxB))
+        return epoch_indices(key, x.shape[0], batch_size, drop_remainder)
 
     def run(state, epoch, begin, end):
-        if fused and (begin, end) == (0, steps_per_epoch):
+        if (begin, end) == (0, steps_per_epoch):
             return run_epoch(state, x_dev, y_dev, jax.random.fold_in(shuffle_key, epoch))
         index_SxB, mask_SxB = (a[begin:end] for a in batches(epoch))
-        if fused:
-            return run_scan(state, x_dev, y_dev, index_SxB, mask_SxB)
-        return _host_steps(step, state, x, y, index_SxB, mask_SxB)
+        return run_scan(state, x_dev, y_dev, index_SxB, mask_SxB)
 
     return run
 
 
-def _host_steps(step, state, x, y, index_SxB, mask_SxB):
-    """Jitted steps fed from host arrays; the same batches as `make_steps`."""
+def _host_steps(step, state, batches):
+    """Jitted steps over `batches` from the input pipeline (for arrays, the
+    batches of `make_steps`, read and placed ahead of each step)."""
     per_step = []
-    for index_B, mask_B in zip(index_SxB, mask_SxB):
-        state, m = step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
+    for batch in batches:
+        state, m = step(state, batch)
         per_step.append(m)
     return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
 

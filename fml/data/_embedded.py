@@ -106,18 +106,45 @@ def load_embedded(
     """Loads an embedded data set (see `EMBEDDED`); see `fml.data.load`."""
     if not isinstance(name, str) or name not in EMBEDDED:
         raise unknown("data set", name, EMBEDDED)
-    validation = in_range(validation, "validation fraction", 0.0, 1.0)
+    validation = check_validation(validation)
     if standardize not in (None, True, False):
         raise ConfigError(f"expected standardize to be True, False or None, got {standardize!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"expected seed to be an int >= 0, got {seed!r}")
-    x_train, y_train, x_test, y_test, task, num_classes, info = EMBEDDED[name]()
+    if standardize is None:
+        standardize = name in _STANDARDIZE_BY_DEFAULT
+    return make_dataset(
+        name, *EMBEDDED[name](), validation=validation, standardize=standardize, seed=seed
+    )
+
+
+def check_validation(validation: float) -> float:
+    return in_range(validation, "validation fraction", 0.0, 1.0)
+
+
+def make_dataset(
+    name,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    task,
+    num_classes,
+    info,
+    *,
+    validation,
+    standardize,
+    seed,
+) -> Dataset:
+    """A `Dataset` from raw splits: carves validation from train, standardises
+    with train's statistics when asked, casts to float32 inputs and int32 labels."""
+    validation = check_validation(validation)
     x_val = y_val = None
     if validation > 0:
         x_train, x_val, y_train, y_val = _split_validation(
             x_train, y_train, validation, seed, task == "classification"
         )
-    if name in _STANDARDIZE_BY_DEFAULT if standardize is None else standardize:
+    if standardize:
         mean, std = x_train.mean(0), x_train.std(0)
         std = np.where(std > 0, std, 1.0)
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std

@@ -1,0 +1,175 @@
+"""Export fml models to PyTorch (`.pt`, `.safetensors`), TensorFlow (SavedModel) and
+ONNX, each proven numerically against fml's own forward pass.
+
+`export(model, params, path, to=..., input_shape=...)` writes the artifact into a
+temporary sibling of `path`, loads it back with the target framework, runs it on
+a probe batch and compares with `model.apply`. Only if the max abs diff is within
+tolerance is the artifact renamed into place; otherwise `ExportError` is raised
+and nothing is left behind (an existing file at `path` is untouched).
+
+Targets: "torch" (a `torch.save`d state dict, loadable with `weights_only=True`),
+"safetensors" (the same state dict, with the fml spec and input shape in its
+metadata), "savedmodel" (`fml.export.tensorflow`, via jax2tf) and "onnx"
+(`fml.export.onnx`, via the torch module). The torch, TensorFlow and ONNX
+packages are imported only when their target is used.
+
+Example:
+  >>> import jax, fml
+  >>> from fml.export import export
+  >>> model = fml.models.mlp([16, 3])
+  >>> params = model.init(jax.random.key(0), (8,))
+  >>> result = export(model, params, "/tmp/mlp.safetensors", to="safetensors", input_shape=(8,))
+  >>> result.max_abs_diff < 1e-5
+  True
+"""
+
+import contextlib
+import importlib
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from fml._model import Model
+from fml.errors import ExportError, unknown
+
+
+class Target(NamedTuple):
+    """An export target: `write(model, params, input_shape, path, **options)` and
+    `run(model, input_shape, path, x) -> y` live in `module`; `tolerance` is relative
+    to the output scale."""
+
+    module: str
+    write: str
+    run: str
+    filename: str
+    tolerance: float
+
+
+TARGETS = {
+    "torch": Target("fml.export.torch", "write_pt", "run_file", "model.pt", 1e-4),
+    "safetensors": Target(
+        "fml.export.torch", "write_safetensors", "run_file", "model.safetensors", 1e-4
+    ),
+    "savedmodel": Target(
+        "fml.export.tensorflow", "write_saved_model", "run_saved_model", "saved_model", 1e-4
+    ),
+    "onnx": Target("fml.export.onnx", "write_onnx", "run_onnx", "model.onnx", 1e-3),
+}
+
+
+class Exported(NamedTuple):
+    """What `export` wrote and how close it came to fml on the probe batch."""
+
+    target: str
+    path: pathlib.Path
+    max_abs_diff: float
+    tolerance: float
+
+
+def probe_batch(input_shape, batch: int = 4, seed: int = 0) -> np.ndarray:
+    """A fixed standard-normal float32 batch `[batch, *input_shape]` to compare outputs on."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, *tuple(input_shape))).astype(np.float32)
+
+
+def max_abs_diff(got, want) -> float:
+    """Max |got - want| in float64; raises `ExportError` when the shapes differ."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise ExportError(f"exported model gave outputs of shape {got.shape}, fml {want.shape}")
+    return float(np.max(np.abs(got - want), initial=0.0))
+
+
+def _target_function(target: Target, name: str):
+    return getattr(importlib.import_module(target.module), name)
+
+
+def export(
+    model: Model,
+    params,
+    path,
+    *,
+    to: str,
+    input_shape,
+    tolerance: float | None = None,
+    **options,
+) -> Exported:
+    """Exports `model` with `params` to `path` in format `to`, verified on a probe batch.
+
+    Args:
+      model: any fml model.
+      params: its params.
+      path: the file (or SavedModel directory) to write; replaced only on success.
+      to: one of `TARGETS`: "torch", "safetensors", "savedmodel", "onnx".
+      input_shape: the input shape without batch, as given to `model.init`.
+      tolerance: max abs diff allowed against `model.apply`; default is the
+        target's relative tolerance (1e-4, ONNX 1e-3) times `max(1, max |y|)`.
+      **options: passed to the target's writer (e.g. `platforms` for "savedmodel").
+
+    Returns:
+      `Exported(target, path, max_abs_diff, tolerance)`.
+
+    Raises:
+      ExportError: the model cannot be expressed in the target, or the exported
+        model's outputs differ from fml's by more than `tolerance`.
+    """
+    if to not in TARGETS:
+        raise unknown("export target", to, TARGETS)
+    target = TARGETS[to]
+    path = pathlib.Path(path)
+    x = probe_batch(input_shape)
+    want = np.asarray(jax.jit(model.apply)(params, x))
+    if tolerance is None:
+        tolerance = target.tolerance * max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    with _staged(path) as staged:
+        _target_function(target, target.write)(model, params, tuple(input_shape), staged, **options)
+        got = _target_function(target, target.run)(model, tuple(input_shape), staged, x)
+        diff = max_abs_diff(got, want)
+        if not diff <= tolerance:
+            raise ExportError(
+                f"{to} export of {model.family} does not reproduce fml: max abs diff "
+                f"{diff:.3g} on a probe batch exceeds tolerance {tolerance:.3g}; "
+                f"nothing was written to {path}"
+            )
+    return Exported(to, path, diff, tolerance)
+
+
+@contextlib.contextmanager
+def _staged(path: pathlib.Path):
+    """Yields a temporary path next to `path`; moves it onto `path` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
+    try:
+        yield stage / path.name
+        _move_into_place(stage / path.name, path, stage / "previous")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into_place(new: pathlib.Path, path: pathlib.Path, backup: pathlib.Path) -> None:
+    """Renames `new` to `path`; a directory already at `path` goes to `backup` first and
+    comes back if the rename fails."""
+    if not (path.is_dir() and not path.is_symlink()):
+        os.replace(new, path)
+        return
+    os.replace(path, backup)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(backup, path)
+        raise
+
+
+__all__ = [
+    "TARGETS",
+    "Exported",
+    "Target",
+    "export",
+    "max_abs_diff",
+    "probe_batch",
+]

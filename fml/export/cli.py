@@ -1,0 +1,54 @@
+"""`fml export RUN_DIR --to torch|safetensors|savedmodel|onnx [--out PATH]`."""
+
+import pathlib
+
+from fml.errors import CheckpointError
+
+
+def add_export(subparsers) -> None:
+    """Registers the `export` subcommand."""
+    from fml.export import TARGETS
+
+    p = subparsers.add_parser(
+        "export",
+        help="export a run's model to PyTorch, safetensors, a TF SavedModel or ONNX, "
+        "verified against fml on a probe batch",
+    )
+    p.add_argument("run_dir", help="a run directory (fml.rundir layout)")
+    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="the export format")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where to write (default RUN_DIR/export/"
+        + "|".join(t.filename for t in TARGETS.values())
+        + ")",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max abs diff allowed against fml (default: 1e-4, ONNX 1e-3, times the output scale)",
+    )
+    p.set_defaults(run=run_export)
+
+
+def run_export(args) -> None:
+    from fml.export import TARGETS, export
+    from fml.rundir import load_run
+
+    model, params, config = load_run(args.run_dir)
+    if "input_shape" not in config:
+        raise CheckpointError(f"config.json in {args.run_dir} has no 'input_shape'")
+    out = args.out or pathlib.Path(args.run_dir) / "export" / TARGETS[args.to].filename
+    result = export(
+        model,
+        params,
+        out,
+        to=args.to,
+        input_shape=tuple(config["input_shape"]),
+        tolerance=args.tolerance,
+    )
+    print(
+        f"exported {model.family} to {args.to} at {result.path}: max abs diff vs fml on a "
+        f"probe batch {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
+    )
