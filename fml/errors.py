@@ -75,13 +75,10 @@ def in_range(value, name: str, low: float, high: float, *, closed: str = "left")
     right = "]" if closed in ("right", "both") else ")"
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     if ok:
+        value = float(value)
         ok = (low <= value if left == "[" else low < value) and (
             value <= high if right == "]" else value < high
         )
     if not ok:
-        if high == math.inf:
-            expected = f"{name} {'>=' if left == '[' else '>'} {low:g}"
-        else:
-            expected = f"{name} in {left}{low:g}, {high:g}{right}"
-        raise ConfigError(f"expected {expected}, got {value!r}")
-    return float(value)
+        raise ConfigError(f"expected {name} in {left}{low}, {high}{right}, got {value!r}")
+    return value

@@ -481,8 +481,6 @@ def fit(
         isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
     ):
         raise ConfigError(f"expected patience to be an int >= 0 or None, got {patience!r}")
-    stream = data if isinstance(data, data_lib.BatchStream) else None
-    num_examples = len(stream.source) if stream else x.shape[0]
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -498,6 +496,8 @@ def fit(
     if resume and state is not None:
         raise ConfigError("pass either state= or resume=True, not both")
     check_arrays(x, y, task=task, where="training data")
+    stream = data if isinstance(data, data_lib.BatchStream) else None
+    num_examples = len(stream.source) if stream else x.shape[0]
     objective = make_objective(model, loss, task)
     if objective.classify and task == "regression":
         raise ConfigError(
@@ -736,7 +736,7 @@ def _check_finite_loss(chunk, first_step: int, epoch: int, checkpoints) -> None:
             else "no checkpoint_dir was set"
         )
         raise TrainingError(
-            f"loss became {loss[bad[0]]} in epoch {epoch} (step {first_step + bad[0] + 1}); "
+            f"loss became {loss[bad[0]]} in step {first_step + bad[0] + 1} (epoch {epoch}); "
             f"{where}; lower the learning rate or set clip_norm"
         )
 

@@ -127,15 +127,15 @@ def _(ctx):
     fit(data)
 
 
-@row("bad-hyperparameter-values", ConfigError, "expected learning_rate > 0, got 'fast'")
+@row("bad-hyperparameter-values", ConfigError, "expected learning_rate in")
 def _(ctx):
     for kwargs, match in [
         ({"batch_size": 0}, "batch_size to be a positive int"),
         ({"epochs": -1}, "epochs to be an int >= 0"),
-        ({"learning_rate": 0.0}, "learning_rate > 0, got 0.0"),
-        ({"learning_rate": float("nan")}, "learning_rate > 0, got nan"),
-        ({"clip_norm": -1.0}, "clip_norm > 0, got -1.0"),
-        ({"l2": float("nan")}, "l2 >= 0, got nan"),
+        ({"learning_rate": 0.0}, r"learning_rate in \(0.0, inf\)"),
+        ({"learning_rate": float("nan")}, "learning_rate in"),
+        ({"clip_norm": -1.0}, "clip_norm in"),
+        ({"l2": float("nan")}, "l2 in"),
         ({"validation": 1.5}, "validation fraction in"),
         ({"seed": "a"}, "seed to be an int"),
         ({"patience": -1}, "patience to be an int >= 0"),

@@ -59,7 +59,7 @@ def load(
     Returns:
       a `Dataset`.
     """
-    if name in EMBEDDED:
+    if isinstance(name, str) and name in EMBEDDED:
         if tuple(split) != ("train", "test") or data_dir is not None:
             raise ConfigError(
                 f"embedded set {name!r} has fixed splits and no data_dir; got "

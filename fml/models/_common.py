@@ -16,7 +16,9 @@ def check_float_input(x, family: str):
         except (ValueError, TypeError) as e:
             raise DTypeError(f"{family}: expected a floating-point array x, got {e}") from e
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise DTypeError(f"{family}: expected floating-point inputs, got dtype {x.dtype}")
+        raise DTypeError(
+            f"{family}: expected floating-point inputs, got {type(x).__name__} of dtype {x.dtype}"
+        )
     return jnp.asarray(x)
 
 
