@@ -18,6 +18,16 @@ from fml.train import TrainState, evaluate, fit, predict
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # `fml.checkpoint` imports orbax: loaded on first use, not with `import fml`.
+    if name == "checkpoint":
+        import importlib
+
+        return importlib.import_module("fml.checkpoint")
+    raise AttributeError(f"module 'fml' has no attribute {name!r}")
+
+
 __all__ = [
     "FmlError",
     "Model",

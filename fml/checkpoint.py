@@ -19,18 +19,18 @@ are replicated or sharded over local devices save the same way (restore gives
 host-backed arrays; `jax.device_put` them onto a mesh to shard them again).
 
 Example:
-  >>> import fml
-  >>> data = fml.data.load("iris")
-  >>> model = fml.models.mlp([16, 3])
-  >>> _ = fml.fit(model, data, epochs=2, quiet=True, checkpoint_dir="/tmp/fml-doc-run",
-  ...             resume=True)
-  >>> model, state = fml.checkpoint.restore("/tmp/fml-doc-run")
+  >>> import tempfile, fml
+  >>> run_dir = tempfile.mkdtemp()
+  >>> data = fml.data.load("iris")  # 120 training examples: 4 batches of 32
+  >>> _ = fml.fit(fml.models.mlp([16, 3]), data, epochs=2, quiet=True, checkpoint_dir=run_dir)
+  >>> model, state = fml.checkpoint.restore(run_dir)
   >>> int(state.step)
   8
 """
 
 import hashlib
 import json
+import numbers
 import pathlib
 from typing import Any, NamedTuple
 
@@ -337,9 +337,12 @@ class Checkpointer:
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoints in {self.directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; have {steps}")
+        if step is None:
+            step = steps[-1]
+        elif isinstance(step, numbers.Integral) and not isinstance(step, bool) and step in steps:
+            step = int(step)
+        else:
+            raise CheckpointError(f"no checkpoint step {step!r} in {self.directory}; have {steps}")
         meta = self.read_meta(step)
         try:
             model = models.from_spec(meta["spec"])
@@ -428,21 +431,31 @@ def restore(run_dir, *, step: int | None = None, optimizer=None) -> tuple[Model,
     Raises:
       CheckpointError: no checkpoint, or a corrupt or mismatched one.
     """
-    restored = Checkpointer(_existing(run_dir), read_only=True).restore(step, optimizer=optimizer)
+    checkpoints = Checkpointer(_existing(run_dir), read_only=True)
+    try:
+        restored = checkpoints.restore(step, optimizer=optimizer)
+    finally:
+        checkpoints.close()
     return restored.model, restored.state
 
 
 def latest_step(run_dir) -> int | None:
     """The step of the latest checkpoint in `run_dir`, or None when there is none."""
-    run_dir = pathlib.Path(run_dir)
-    if not (run_dir / CHECKPOINTS).is_dir():
+    try:
+        run_dir = _existing(run_dir)
+    except CheckpointError:
         return None
     return Checkpointer(run_dir, read_only=True).latest_step()
 
 
 def _existing(run_dir) -> pathlib.Path:
-    run_dir = pathlib.Path(run_dir)
-    if not (run_dir / CHECKPOINTS).is_dir():
+    """`run_dir` as a path, or `CheckpointError` unless it holds a checkpoints folder."""
+    try:
+        run_dir = pathlib.Path(run_dir)
+        found = (run_dir / CHECKPOINTS).is_dir()
+    except (TypeError, ValueError, OSError) as e:
+        raise CheckpointError(f"expected the path of a run directory, got {run_dir!r}: {e}") from e
+    if not found:
         raise CheckpointError(f"no checkpoints in {run_dir} (expected {run_dir / CHECKPOINTS})")
     return run_dir
 

@@ -9,6 +9,8 @@ restore) reads. Layout:
     history.json   per-epoch metrics (and "test" at the end)
     history.csv    the per-epoch metrics as a table
     curves.png     learning curves (written by `fml.plots`, when available)
+    checkpoints/   `fit(..., checkpoint_dir=RUN_DIR)`'s checkpoints, one folder per
+                   step (`fml.checkpoint`)
 
 Every file is written to a temporary name and renamed into place, so a crash
 never leaves a half-written file where a good one was.

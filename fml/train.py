@@ -475,15 +475,13 @@ def fit(
     if not isinstance(model, Model):
         raise ConfigError(f"expected an fml Model, got {type(model).__name__}")
     x, y, x_val, y_val, x_test, y_test, task = _as_arrays(data, validation)
-    stream = data if isinstance(data, data_lib.BatchStream) else None
-    num_examples = x.shape[0] if stream is None else len(stream.source)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"expected seed to be an int, got {seed!r}")
     if patience is not None and (
         isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
     ):
         raise ConfigError(f"expected patience to be an int >= 0 or None, got {patience!r}")
-    if not isinstance(epochs, int) or epochs < 0:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
@@ -498,6 +496,8 @@ def fit(
     if resume and state is not None:
         raise ConfigError("pass either state= or resume=True, not both")
     check_arrays(x, y, task=task, where="training data")
+    stream = data if isinstance(data, data_lib.BatchStream) else None
+    num_examples = len(stream.source) if stream else x.shape[0]
     objective = make_objective(model, loss, task)
     if objective.classify and task == "regression":
         raise ConfigError(
@@ -505,12 +505,9 @@ def fit(
             "labels, got float targets"
         )
     full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_OPTIMIZERS
-    if stream is not None:
-        if fused or full_batch or checkpoint_dir is not None:
-            raise ConfigError(
-                "a BatchStream feeds per-step training: not fused=True, lbfgs nor "
-                "checkpoint_dir (save stream.position with your own checkpoints)"
-            )
+    if stream and (fused or full_batch):
+        raise ConfigError("a BatchStream feeds per-step training: not fused=True nor lbfgs")
+    if stream:
         batch_size, drop_remainder = stream.batch_size, stream.drop_remainder
     batch_size = num_examples if full_batch else batch_size
     if batch_size > num_examples and drop_remainder:
@@ -631,6 +628,7 @@ def fit(
             break
     if checkpoints is not None:
         save_checkpoint()
+        checkpoints.close()
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]
@@ -667,22 +665,13 @@ def _step_ranges(epoch: int, begin: int, steps_per_epoch: int, every: int | None
 
 def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, stream=None):
     """`run(state, epoch, begin, end) -> (state, metrics)`: steps `begin..end-1` of an
-    epoch, as jitted steps fed by the input pipeline (a `BatchStream`, over `(x, y)`
-    unless given) or as one scan over on-device data.
+    epoch, as one scan over on-device data (`fused`) or as jitted steps fed by a
+    `BatchStream` (over `x, y` unless `stream` is given).
 
     The batches are a pure function of `(seed, epoch)`: epoch key
     `fold_in(fold_in(key(seed), 1), epoch)` shuffles with `epoch_indices`.
     """
-    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
-    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
-    if fused:
-        run_epoch = jax.jit(
-            make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
-            donate_argnums=0,
-        )
-        run_scan = jax.jit(make_steps(train_step), donate_argnums=0)
-        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
-    else:
+    if not fused:
         step = jax.jit(train_step, donate_argnums=0)
         stream = stream or data_lib.BatchStream(
             data_lib.ArraySource(x, y),
@@ -692,6 +681,18 @@ def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, s
             process_index=0,
             process_count=1,
         )
+        return lambda state, epoch, begin, end: _host_steps(
+            step, state, stream.device_batches(epoch, begin, end)
+        )
+
+    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
+    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    run_epoch = jax.jit(
+        make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
+        donate_argnums=0,
+    )
+    run_scan = jax.jit(make_steps(train_step), donate_argnums=0)
+    x_dev, y_dev = jax.device_put(x), jax.device_put(y)
 
     @functools.lru_cache(maxsize=1)
     def batches(epoch):
@@ -699,8 +700,6 @@ def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, s
         return epoch_indices(key, x.shape[0], batch_size, drop_remainder)
 
     def run(state, epoch, begin, end):
-        if not fused:
-            return _host_steps(step, state, stream.device_batches(epoch, begin, end))
         if (begin, end) == (0, steps_per_epoch):
             return run_epoch(state, x_dev, y_dev, jax.random.fold_in(shuffle_key, epoch))
         index_SxB, mask_SxB = (a[begin:end] for a in batches(epoch))
@@ -710,8 +709,8 @@ def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, s
 
 
 def _host_steps(step, state, batches):
-    """Jitted steps over `batches`, read and placed on the device ahead of each
-    step by the input pipeline; for arrays, the same batches as `make_steps`."""
+    """Jitted steps over `batches` from the input pipeline (for arrays, the
+    batches of `make_steps`, read and placed ahead of each step)."""
     per_step = []
     for batch in batches:
         state, m = step(state, batch)

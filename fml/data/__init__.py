@@ -5,7 +5,7 @@ from fml.data._embedded import (
     EMBEDDED,
     Dataset,
     check_arrays,
-    check_options,
+    check_validation,
     load_embedded,
     make_dataset,
 )
@@ -59,14 +59,14 @@ def load(
     Returns:
       a `Dataset`.
     """
-    if not isinstance(name, str) or name in EMBEDDED:
+    if isinstance(name, str) and name in EMBEDDED:
         if tuple(split) != ("train", "test") or data_dir is not None:
             raise ConfigError(
                 f"embedded set {name!r} has fixed splits and no data_dir; got "
                 f"split={split!r}, data_dir={data_dir!r}"
             )
         return load_embedded(name, validation=validation, standardize=standardize, seed=seed)
-    validation = check_options(validation, standardize, seed)
+    check_validation(validation)
     arrays = load_tfds_arrays(name, split=split, data_dir=data_dir)
     return make_dataset(
         name, *arrays, validation=validation, standardize=bool(standardize), seed=seed

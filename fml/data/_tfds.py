@@ -28,15 +28,18 @@ def _not_prepared(name: str, builder, embedded) -> DataError:
 
 def _builder(name: str, data_dir):
     """The TFDS builder of `name`, or `UnknownNameError` when TFDS has no such set."""
-    tfds = _tfds()
     from fml.data._embedded import EMBEDDED
 
+    if not isinstance(name, str) or not name:
+        raise unknown("data set", name, EMBEDDED)
+    tfds = _tfds()
     try:
         return tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
+    except (tfds.core.registered.DatasetNotFoundError, ValueError, AssertionError) as e:
+        # ValueError: not a "name[/config][:version]"; AssertionError: no such version.
         raise UnknownNameError(
-            f"{unknown('data set', name, EMBEDDED)} or a tensorflow-datasets name "
-            "(see `tfds.list_builders()`)"
+            f"unknown data set {name!r}; expected an embedded set ({', '.join(sorted(EMBEDDED))}) "
+            f"or a tensorflow-datasets name (see `tfds.list_builders()`): {str(e)[:200]}"
         ) from None
 
 
