@@ -16,6 +16,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every epoch budget")
     parser.add_argument("--workers", type=int, default=1, help="training processes at once")
+    parser.add_argument("--resume", action="store_true", help="keep finished runs in --out")
     parser.add_argument("--no-shuffled", action="store_true", help="skip the shuffled rows")
     args = parser.parse_args()
     _, path = report.mnist1d_table(
@@ -24,6 +25,7 @@ def main():
         scale=args.scale,
         shuffled=not args.no_shuffled,
         workers=args.workers,
+        resume=args.resume,
     )
     print(f"\ntable written to {path}; learning curves in {args.out}/*/*/seed_*/curves.png")
 

@@ -15,6 +15,7 @@ Example:
   True
 """
 
+import json
 import math
 import pathlib
 import time
@@ -185,6 +186,21 @@ def train_and_evaluate(config: dict, workdir, *, log=print) -> RunResult:
     title = f"{config['family']} on {used} (seed {config['seed']})"
     run_dir = write_run(workdir, model, state.params, config, history, title=title)
     return RunResult(run_dir, dict(history["test"]), seconds, config, history, state)
+
+
+def finished_run(config: dict, workdir) -> tuple[dict, float] | None:
+    """`(test metrics, train seconds)` of a run already in `workdir` that was made
+    from this same `config`, or None (no run there, or a different config)."""
+    workdir = pathlib.Path(workdir)
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+        test = json.loads((workdir / "history.json").read_text())["test"]
+    except (OSError, ValueError, KeyError):
+        return None
+    saved = {**saved, "dataset": saved.get("dataset_requested", saved.get("dataset"))}
+    if any(saved.get(k) != config.get(k) for k in CONFIG_KEYS):
+        return None
+    return test, saved.get("train_seconds", math.nan)
 
 
 def write_run(workdir, model, params, config: dict, history: dict, *, title: str = ""):

@@ -58,23 +58,29 @@ class Job(NamedTuple):
     seed: int
     scale: float
     out: str
+    resume: bool = False
 
 
 def _run_job(job: Job) -> tuple[float, float, pathlib.Path]:
-    """Trains one (entry, data set, seed); returns (test accuracy, seconds, run dir)."""
+    """Trains one (entry, data set, seed), or with `resume` keeps a finished run of
+    the same config; returns (test accuracy, seconds, run dir)."""
     config = experiment.make_config(
         job.entry.family, job.dataset, cell=job.entry.cell, seed=job.seed, validation=0.0
     )
     config["epochs"] = max(1, round(config["epochs"] * job.scale))
     run_dir = pathlib.Path(job.out) / job.dataset / job.entry.label / f"seed_{job.seed}"
-    result = experiment.train_and_evaluate(config, run_dir)
-    accuracy = result.test["accuracy"]
+    kept = experiment.finished_run(config, run_dir) if job.resume else None
+    if kept is None:
+        result = experiment.train_and_evaluate(config, run_dir)
+        test, seconds = result.test, result.seconds
+    else:
+        test, seconds = kept
     print(
-        f"  {job.dataset} {job.entry.label} seed {job.seed}: test accuracy {accuracy:.4f} "
-        f"({result.seconds:.1f} s)",
+        f"  {job.dataset} {job.entry.label} seed {job.seed}: test accuracy "
+        f"{test['accuracy']:.4f} ({seconds:.1f} s{', kept' if kept else ''})",
         flush=True,
     )
-    return accuracy, result.seconds, run_dir
+    return test["accuracy"], seconds, run_dir
 
 
 def _run_jobs(jobs: list[Job], workers: int) -> list[tuple]:
@@ -95,6 +101,7 @@ def table_rows(
     seeds=(0, 1, 2),
     scale: float = 1.0,
     workers: int = 1,
+    resume: bool = False,
 ) -> list[TableRow]:
     """Trains every entry for every seed on every data set; one row per (data set, entry).
 
@@ -110,10 +117,11 @@ def table_rows(
       scale: multiplies every recipe's epochs (smoke tests use a small one).
       workers: processes training at once (each run is single-program; on a
         multi-core CPU two or more workers finish the table sooner).
+      resume: keep runs already in `out` that were made from the same config.
     """
     plan = entries if isinstance(entries, dict) else {d: entries for d in datasets}
     groups = [(d, e) for d, group in plan.items() for e in group]
-    jobs = [Job(e, d, seed, scale, str(out)) for d, e in groups for seed in seeds]
+    jobs = [Job(e, d, seed, scale, str(out), resume) for d, e in groups for seed in seeds]
     results = iter(_run_jobs(jobs, workers))
     rows = []
     for dataset, entry in groups:
@@ -176,7 +184,13 @@ def markdown(rows: list[TableRow]) -> str:
 
 
 def mnist1d_table(
-    out, *, seeds=(0, 1, 2), scale: float = 1.0, shuffled: bool = True, workers: int = 1
+    out,
+    *,
+    seeds=(0, 1, 2),
+    scale: float = 1.0,
+    shuffled: bool = True,
+    workers: int = 1,
+    resume: bool = False,
 ):
     """The MNIST-1D table (and its shuffled-sequence rows); prints it and writes
     `out/table.md`. Returns `(rows, table_path)`."""
@@ -185,7 +199,7 @@ def mnist1d_table(
     plan = {"mnist1d": ENTRIES}
     if shuffled:
         plan["mnist1d_shuffled"] = SHUFFLED_ENTRIES
-    rows = table_rows(out, plan, seeds=seeds, scale=scale, workers=workers)
+    rows = table_rows(out, plan, seeds=seeds, scale=scale, workers=workers, resume=resume)
     table = markdown(rows)
     print(table)
     path = experiment.save_table(table, out, device=device)

@@ -505,9 +505,12 @@ def fit(
             "labels, got float targets"
         )
     full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_OPTIMIZERS
-    if stream and (fused or full_batch):
-        raise ConfigError("a BatchStream feeds per-step training: not fused=True nor lbfgs")
-    if stream:
+    if stream is not None:
+        if fused or full_batch or checkpoint_dir is not None:
+            raise ConfigError(
+                "a BatchStream feeds per-step training: not fused=True, lbfgs nor "
+                "checkpoint_dir (save stream.position with your own checkpoints)"
+            )
         batch_size, drop_remainder = stream.batch_size, stream.drop_remainder
     batch_size = num_examples if full_batch else batch_size
     if batch_size > num_examples and drop_remainder:

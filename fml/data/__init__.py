@@ -5,7 +5,7 @@ from fml.data._embedded import (
     EMBEDDED,
     Dataset,
     check_arrays,
-    check_validation,
+    check_options,
     load_embedded,
     make_dataset,
 )
@@ -66,7 +66,7 @@ def load(
                 f"split={split!r}, data_dir={data_dir!r}"
             )
         return load_embedded(name, validation=validation, standardize=standardize, seed=seed)
-    check_validation(validation)
+    validation = check_options(validation, standardize, seed)
     arrays = load_tfds_arrays(name, split=split, data_dir=data_dir)
     return make_dataset(
         name, *arrays, validation=validation, standardize=bool(standardize), seed=seed
