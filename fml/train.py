@@ -373,6 +373,8 @@ def fit(
     quiet: bool = False,
     state: TrainState | None = None,
     optimizer_kwargs: dict | None = None,
+    parallel: str | None = None,
+    devices=None,
 ):
     """Trains `model` on `data` with minibatch gradient descent.
 
@@ -398,6 +400,13 @@ def fit(
       quiet: no progress bar.
       state: continue from this `TrainState` instead of a fresh one.
       optimizer_kwargs: extra arguments of the optax factory.
+      parallel: data parallelism over `devices`: "shard_map" (a mesh; spans every
+        process joined by `fml.parallel.initialize`) or "pmap". None (default) is
+        off: one device, exactly as before, unless several processes have joined,
+        where it means "shard_map". `batch_size` stays the global batch; a batch
+        that does not divide by the device count is padded with mask 0.
+      devices: with `parallel`, None for every device, an int `n` for the first
+        `n`, or a list of `jax.Device`s.
 
     Returns:
       `(state, history)`: the final `TrainState` and a `History` of per-epoch metrics.
@@ -444,37 +453,51 @@ def fit(
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
 
-    train_step = make_train_step(model, objective, tx)
+    dp = None
+    if parallel is not None or jax.process_count() > 1:
+        from fml import parallel as parallel_lib  # it builds on this module
+
+        if full_batch:
+            # its line search's psums inside a while loop deadlock XLA's CPU collectives
+            raise ConfigError(f"optimizer {optimizer!r} is full-batch: fit it with parallel=None")
+        dp = parallel_lib.data_parallel(parallel or "shard_map", devices)
+        quiet = quiet or not parallel_lib.is_main_process()
+    train_step = make_train_step(model, objective, tx, axis_name="data" if dp else None)
     shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
-    if fused:
-        run_epoch = jax.jit(
+    if dp:
+        run_epoch = dp.epoch_runner(
+            train_step, x, y, batch_size=batch_size, drop_remainder=drop_remainder, fused=fused
+        )
+        state = dp.put_state(state)
+    elif fused:
+        run_fused = jax.jit(
             make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
             donate_argnums=0,
         )
         x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+        run_epoch = lambda state, key: run_fused(state, x_dev, y_dev, key)
     else:
         step = jax.jit(train_step, donate_argnums=0)
+        run_epoch = lambda state, key: _host_epoch(
+            step, state, x, y, key, batch_size, drop_remainder
+        )
+    local = dp.local if dp else lambda state: state
 
     history = History()
     best = (math.inf, None, -1)
-    start_epoch = int(state.step) // max(
+    start_epoch = int(local(state).step) // max(
         1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
     )
     bar = _progress(range(start_epoch, start_epoch + epochs), quiet)
     for epoch in bar:
         started = time.perf_counter()
         epoch_key = jax.random.fold_in(shuffle_key, epoch)
-        if fused:
-            state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
-        else:
-            state, step_metrics = _host_epoch(
-                step, state, x, y, epoch_key, batch_size, drop_remainder
-            )
+        state, step_metrics = run_epoch(state, epoch_key)
         train = _mean_metrics(jax.device_get(step_metrics))
         if not math.isfinite(train["loss"]):
             raise TrainingError(
                 f"loss became {train['loss']} in epoch {epoch} (step "
-                f"{int(state.step)}); lower the learning rate or set clip_norm"
+                f"{int(local(state).step)}); lower the learning rate or set clip_norm"
             )
         history.append(
             epoch=epoch,
@@ -482,16 +505,18 @@ def fit(
             **{f"train_{k}": v for k, v in train.items()},
         )
         if x_val is not None:
-            val = evaluate(model, state.params, x_val, y_val, loss=loss, metric=metric, task=task)
+            params = local(state).params
+            val = evaluate(model, params, x_val, y_val, loss=loss, metric=metric, task=task)
             history.append(**{f"val_{k}": v for k, v in val.items()})
             if val["loss"] < best[0]:
-                best = (val["loss"], jax.device_get(state.params), epoch)
+                best = (val["loss"], jax.device_get(params), epoch)
             elif patience is not None and epoch - best[2] >= patience:
                 break
         if not quiet:
             bar.set_postfix(
                 {k: f"{v[-1]:.4f}" for k, v in history.items() if k.startswith(("train_", "val_"))}
             )
+    state = local(state)
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]
