@@ -141,8 +141,13 @@ def process_rows(mesh: Mesh, num_rows: int) -> slice:
     return slice(starts[0], starts[-1] + per_device)
 
 
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The part of `mesh` on this process's devices (pmap's view of its arguments)."""
+    return Mesh(np.array(mesh.local_devices), (AXIS,))
+
+
 def shard_batch(batch: Mapping, mesh: Mesh, *, stacked: bool = False) -> dict:
-    """A batch of this process's rows as global arrays sharded over the mesh.
+    """A batch of this process's rows, placed for the step.
 
     Each process passes its own rows (in one process: the whole batch); every
     process must pass the same number. Rows are padded with mask 0 up to a
@@ -152,30 +157,33 @@ def shard_batch(batch: Mapping, mesh: Mesh, *, stacked: bool = False) -> dict:
     Args:
       batch: `{"x": [b, ...], "y": [b, ...], "mask": [b]}` (numpy or jax arrays).
       mesh: a data mesh (`data_mesh`).
-      stacked: lay the batch out as `[devices, rows per device, ...]` for `pmap`
-        instead of `[rows, ...]` for `shard_map`.
-
-    Returns:
-      the batch as `jax.Array`s of global shape `[B, ...]` (or `[D, B / D, ...]`).
+      stacked: for `pmap`: this process's arrays `[local devices, rows per
+        device, ...]`, as pmap takes them, instead of global arrays `[B, ...]`
+        sharded over the whole mesh (built with
+        `jax.make_array_from_process_local_data`) for `shard_map`.
     """
     batch = {"mask": np.ones(len(batch["x"]), np.float32), **batch}
-    local_devices = mesh.size // jax.process_count()
-    batch = pad_batch(batch, local_devices)
+    num_local = len(mesh.local_devices)
+    batch = pad_batch(batch, num_local)
+    if stacked:
+        sharding = NamedSharding(local_mesh(mesh), P(AXIS))
+        return {
+            k: jax.device_put(np.asarray(v).reshape(num_local, -1, *v.shape[1:]), sharding)
+            for k, v in batch.items()
+        }
     sharding = NamedSharding(mesh, P(AXIS))
-
-    def place(a):
-        a = np.asarray(a)
-        if stacked:
-            a = a.reshape(local_devices, -1, *a.shape[1:])
-        global_shape = (a.shape[0] * jax.process_count(), *a.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, a, global_shape)
-
-    return {k: place(v) for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (v.shape[0] * jax.process_count(), *v.shape[1:])
+        )
+        for k, v in batch.items()
+    }
 
 
 def _on_every_device(tree, mesh: Mesh, *, stacked: bool):
-    """One copy of each leaf on every device: replicated `P()` arrays, or stacked
-    `[D, ...]` arrays sharded on axis 0 (what `pmap` takes)."""
+    """One copy of each leaf on every device: global replicated `P()` arrays, or,
+    for pmap, this process's stacked `[local devices, ...]` arrays."""
+    mesh = local_mesh(mesh) if stacked else mesh
     spec = P(AXIS) if stacked else P()
 
     def place(a):

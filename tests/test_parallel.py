@@ -8,7 +8,7 @@ import pytest
 from parallel_cases import data, families, train
 
 import fml
-from fml import parallel
+from fml import parallel, scaling
 from fml.errors import ConfigError, DistributedError, UnknownNameError
 
 TOLERANCE = 1e-5
@@ -186,3 +186,30 @@ def test_arguments_override_the_environment():
 def test_bad_cluster_settings(kwargs, env, match):
     with pytest.raises(ConfigError, match=match):
         parallel.cluster_from_environment(**kwargs, env=env)
+
+
+# ------------------------------------------------------------------ throughput
+
+
+def test_scaling_efficiency_closed_form():
+    rows = [
+        {"devices": 1, "samples_per_s": 1000.0},
+        {"devices": 4, "samples_per_s": 3000.0},
+    ]
+    out = scaling.scaling(rows)
+    assert [r["samples_per_s_per_device"] for r in out] == [1000.0, 750.0]
+    assert [r["efficiency"] for r in out] == [1.0, 0.75]
+
+
+def test_data_parallel_report_times_the_same_work():
+    report = scaling.data_parallel_report(
+        "logistic_regression", device_counts=[1, 8], per_device_batch=3, steps=2, repeats=1
+    )
+    assert [r["batch_size"] for r in report["scaling"]] == [3, 24]
+    for row in report["scaling"]:
+        assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["seconds_per_step"])
+    for row in report["overhead"]:
+        # the parallel and the single-device step reached the same loss
+        assert row["loss_difference"] <= TOLERANCE
+        assert row["overhead"] == pytest.approx(row["parallel_seconds"] / row["single_seconds"] - 1)
+    assert "| 8 | 24 |" in scaling.markdown(report)
