@@ -79,10 +79,11 @@ def two_processes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family,launcher", MULTIHOST_CASES)
-def test_two_processes_match_one_process(two_processes, family, launcher):
+def test_two_processes_match_one_process(two_processes, family, launcher, record_property):
     params = rundir.load_params(two_processes / "process0" / f"{family}_{launcher}" / "params.npz")
     one_process = train(family, launcher)  # 8 devices in this process
     diffs = [np.max(np.abs(params[k][p] - v)) for k in params for p, v in one_process[k].items()]
+    record_property("max_abs_diff", float(max(diffs)))
     assert max(diffs) <= TOLERANCE
 
 

@@ -29,9 +29,10 @@ CASES += [(f, "pmap", False) for f in ("mlp", "cnn", "lstm")] + [("mlp", "pmap",
 
 
 @pytest.mark.parametrize("family,launcher,fused", CASES)
-def test_eight_devices_match_one_device(family, launcher, fused):
+def test_eight_devices_match_one_device(family, launcher, fused, record_property):
     one_device = train(family)
     eight = train(family, launcher, fused)
+    record_property("max_abs_diff", max_abs_diff(eight, one_device))
     assert max_abs_diff(eight, one_device) <= TOLERANCE
     # and training moved the params by far more than the tolerance
     init = families()[family].init(jax.random.split(jax.random.key(0))[0], data()[0].shape[1:])
@@ -39,7 +40,8 @@ def test_eight_devices_match_one_device(family, launcher, fused):
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "lstm"])
-def test_pmap_matches_shard_map(family):
+def test_pmap_matches_shard_map(family, record_property):
+    record_property("max_abs_diff", max_abs_diff(train(family, "pmap"), train(family, "shard_map")))
     assert max_abs_diff(train(family, "pmap"), train(family, "shard_map")) <= TOLERANCE
 
 
