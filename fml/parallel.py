@@ -249,12 +249,9 @@ class DataParallel:
     def num_replicas(self) -> int:
         return self.mesh.size
 
-    def put_state(self, state):
-        """The state on every device (replicated, or stacked for pmap)."""
-        return _on_every_device(state, self.mesh, stacked=self.stacked)
-
-    def put_replicated(self, tree):
-        """Arrays every replica reads whole (the data of a fused epoch, its key)."""
+    def replicate(self, tree):
+        """A copy on every device of a tree every replica reads whole: the state,
+        the data and key of a fused epoch (replicated, or stacked for pmap)."""
         return _on_every_device(tree, self.mesh, stacked=self.stacked)
 
     def local(self, tree):
@@ -294,10 +291,10 @@ class DataParallel:
         as the single-device epoch, metrics of this process's first replica."""
         if fused:
             epoch = self.epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
-            x_dev, y_dev = self.put_replicated((x, y))
+            x_dev, y_dev = self.replicate((x, y))
 
             def run_fused(state, key):
-                state, metrics = epoch(state, x_dev, y_dev, self.put_replicated(key))
+                state, metrics = epoch(state, x_dev, y_dev, self.replicate(key))
                 return state, self.local(metrics)
 
             return run_fused

@@ -84,7 +84,7 @@ def measure(family: str, *, devices: int | None, batch_size: int, launcher: str 
     else:
         dp = parallel.data_parallel(launcher, devices)
         step = dp.step(make_train_step(model, objective, tx, axis_name=parallel.AXIS))
-        state, batch = dp.put_state(state), dp.put_batch(batch)
+        state, batch = dp.replicate(state), dp.put_batch(batch)
         step = _local_loss(step, dp)
     seconds, spread, loss = time_step(step, state, batch, steps=steps, repeats=repeats)
     return {

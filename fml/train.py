@@ -468,7 +468,7 @@ def fit(
         run_epoch = dp.epoch_runner(
             train_step, x, y, batch_size=batch_size, drop_remainder=drop_remainder, fused=fused
         )
-        state = dp.put_state(state)
+        state = dp.replicate(state)
     elif fused:
         run_fused = jax.jit(
             make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
