@@ -4,6 +4,7 @@ embedded data, one table); subcommands are registered in `COMMANDS`."""
 import argparse
 import sys
 
+from fml import _cli_runs
 from fml.errors import FmlError
 
 
@@ -21,7 +22,7 @@ def _run_main(args):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main]
+COMMANDS = [_add_main, *_cli_runs.COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

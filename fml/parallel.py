@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fml.errors import ConfigError, DistributedError, ShapeError, unknown
-from fml.train import _host_epoch, make_epoch
+from fml.train import _host_steps, _steps_per_epoch, epoch_indices, make_epoch, make_steps
 
 AXIS = "data"
 LAUNCHERS = ("shard_map", "pmap")
@@ -215,9 +215,9 @@ def _shard_map(f: Callable, mesh: Mesh, in_specs) -> Callable:
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
 
 
-def replica_epoch(train_step: Callable, *, batch_size: int, drop_remainder: bool, replicas: int):
-    """`make_epoch` per replica: every replica draws the same global batches and
-    trains on its own `1 / replicas` of each (padded with mask 0 to a multiple)."""
+def replica_step(train_step: Callable, replicas: int) -> Callable:
+    """`train_step` on this replica's `1 / replicas` of a global batch (padded with
+    mask 0 to a multiple), for scans where every replica draws the same batches."""
 
     def own_rows(state, batch):
         batch = pad_batch(batch, replicas)
@@ -226,7 +226,7 @@ def replica_epoch(train_step: Callable, *, batch_size: int, drop_remainder: bool
         own = {k: jax.lax.dynamic_slice_in_dim(v, start, rows) for k, v in batch.items()}
         return train_step(state, own)
 
-    return make_epoch(own_rows, batch_size=batch_size, drop_remainder=drop_remainder)
+    return own_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,41 +272,53 @@ class DataParallel:
         launch = pmap_step if self.stacked else shard_map_step
         return launch(train_step, self.mesh)
 
-    def epoch(self, train_step: Callable, *, batch_size: int, drop_remainder: bool = False):
-        """A fused epoch `epoch(state, x, y, key) -> (state, metrics)` over placed arrays."""
-        epoch = replica_epoch(
-            train_step,
-            batch_size=batch_size,
-            drop_remainder=drop_remainder,
-            replicas=self.num_replicas,
-        )
+    def compile(self, fn: Callable, num_args: int) -> Callable:
+        """`fn` run per replica on arguments every replica reads whole (state first,
+        donated): pmapped, or jitted `shard_map` with every input replicated."""
         if self.stacked:
             return jax.pmap(
-                epoch, axis_name=AXIS, devices=list(self.mesh.devices.flat), donate_argnums=0
+                fn, axis_name=AXIS, devices=list(self.mesh.devices.flat), donate_argnums=0
             )
-        return jax.jit(_shard_map(epoch, self.mesh, (P(), P(), P(), P())), donate_argnums=0)
+        return jax.jit(_shard_map(fn, self.mesh, (P(),) * num_args), donate_argnums=0)
 
-    def epoch_runner(self, train_step, x, y, *, batch_size, drop_remainder, fused) -> Callable:
-        """`run(state, epoch_key) -> (state, step_metrics)` for `fit`: the same batches
-        as the single-device epoch, metrics of this process's first replica."""
+    def epoch(self, train_step: Callable, *, batch_size: int, drop_remainder: bool = False):
+        """A fused epoch `epoch(state, x, y, key) -> (state, metrics)` over replicated
+        arrays: every replica shuffles alike and trains on its rows of each batch."""
+        per_replica = replica_step(train_step, self.num_replicas)
+        epoch = make_epoch(per_replica, batch_size=batch_size, drop_remainder=drop_remainder)
+        return self.compile(epoch, 4)
+
+    def step_runner(self, train_step, x, y, *, seed, batch_size, drop_remainder, fused):
+        """`run(state, epoch, begin, end) -> (state, metrics)` for `fit`: steps
+        `begin..end-1` of an epoch over the batches `fml.train._step_runner` draws,
+        host-fed or fused, with the metrics of this process's first replica."""
+        shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
+        steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
         if fused:
-            epoch = self.epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
+            run_epoch = self.epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
+            run_scan = self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
             x_dev, y_dev = self.replicate((x, y))
-
-            def run_fused(state, key):
-                state, metrics = epoch(state, x_dev, y_dev, self.replicate(key))
-                return state, self.local(metrics)
-
-            return run_fused
-        step = self.step(train_step)
+        else:
+            step = self.step(train_step)
 
         def host_step(state, batch):
             state, metrics = step(state, self.put_batch(batch))
             return state, self.local(metrics)
 
-        return lambda state, key: _host_epoch(
-            host_step, state, x, y, key, batch_size, drop_remainder
-        )
+        def run(state, epoch, begin, end):
+            key = jax.random.fold_in(shuffle_key, epoch)
+            if fused and (begin, end) == (0, steps_per_epoch):
+                state, metrics = run_epoch(state, x_dev, y_dev, self.replicate(key))
+                return state, self.local(metrics)
+            indices = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
+            index_SxB, mask_SxB = (a[begin:end] for a in jax.device_get(indices))
+            if fused:
+                batches = self.replicate((index_SxB, mask_SxB))
+                state, metrics = run_scan(state, x_dev, y_dev, *batches)
+                return state, self.local(metrics)
+            return _host_steps(host_step, state, x, y, index_SxB, mask_SxB)
+
+        return run
 
 
 def data_parallel(launcher: str = "shard_map", devices=None) -> DataParallel:

@@ -60,7 +60,7 @@ def test_apply_rejects_wrong_input_shape(model, x, match):
 def test_apply_rejects_integer_inputs():
     model = models.mlp([3])
     params = model.init(jax.random.key(0), (4,))
-    with pytest.raises(DTypeError, match="expected floating-point inputs, got dtype int32"):
+    with pytest.raises(DTypeError, match="expected floating-point inputs, got .*dtype int32"):
         model.apply(params, jnp.zeros((2, 4), jnp.int32))
 
 
@@ -124,9 +124,9 @@ def test_fit_rejects_nan_regression_targets():
         ),
         (dict(loss="cross_entropyy"), UnknownNameError, "unknown loss 'cross_entropyy'"),
         (dict(batch_size=0), ConfigError, "batch_size to be a positive int, got 0"),
-        (dict(learning_rate=-1.0), ConfigError, "learning_rate > 0, got -1.0"),
+        (dict(learning_rate=-1.0), ConfigError, r"learning_rate in \(0.0, inf\), got -1.0"),
         (dict(batch_size=64, drop_remainder=True), ConfigError, "batch_size 64 > 20 examples"),
-        (dict(validation=1.5), ConfigError, r"validation fraction in \(0, 1\), got 1.5"),
+        (dict(validation=1.5), ConfigError, r"validation fraction in \(0.0, 1.0\), got 1.5"),
     ],
 )
 def test_fit_rejects_bad_options(kwargs, error, match):
@@ -135,7 +135,7 @@ def test_fit_rejects_bad_options(kwargs, error, match):
 
 
 def test_divergence_is_a_training_error():
-    with pytest.raises(TrainingError, match="loss became (nan|inf) in epoch 0"):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) in step \d+ \(epoch 0\)"):
         _fit(models.linear_regression(), y=1e30 * X[:, 0], optimizer="sgd", learning_rate=1e10)
 
 
@@ -165,7 +165,7 @@ def test_divergence_is_a_training_error():
         (
             lambda: models.mlp([8, 3], dropout=1.0),
             ConfigError,
-            r"dropout rate in \[0, 1\), got 1.0",
+            r"dropout rate in \[0.0, 1.0\), got 1.0",
         ),
         (lambda: models.cnn([{"type": "attention"}]), UnknownNameError, "unknown cnn layer type"),
         (
@@ -176,7 +176,7 @@ def test_divergence_is_a_training_error():
         (
             lambda: fml.data.load("iris", validation=1.0),
             ConfigError,
-            r"validation fraction in \[0, 1\)",
+            r"validation fraction in \[0.0, 1.0\)",
         ),
     ],
 )

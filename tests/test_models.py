@@ -292,3 +292,25 @@ def test_lengths_ignore_padding_values():
         model.apply(params, noisy, lengths=lengths),
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_train_step_compiles_once(name):
+    from fml import train
+
+    model, params, x, _ = _setup(name, batch=4)
+    objective = train.make_objective(
+        model, None, "regression" if name == "linear_regression" else "classification"
+    )
+    tx = train.make_optimizer("adam", 1e-3)
+    state = train.init_state(model, tx, x.shape[1:])
+    step = jax.jit(train.make_train_step(model, objective, tx), donate_argnums=0)
+    out = jax.eval_shape(model.apply, state.params, x)
+    if objective.classify:
+        y = np.zeros(out.shape[:-1] if out.shape[-1] > 1 else out.shape[:1], np.int32)
+    else:
+        y = np.zeros(out.shape, np.float32)
+    for _ in range(3):
+        state, metrics = step(state, {"x": x, "y": y, "mask": np.ones(4, np.float32)})
+    assert step._cache_size() == 1 and int(state.step) == 3
+    assert np.isfinite(float(metrics["loss"]))
