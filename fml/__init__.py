@@ -10,7 +10,7 @@ Example:
   >>> state, history = fml.fit(model, data, epochs=20, batch_size=100, quiet=True)
 """
 
-from fml import data, errors, layers, losses, metrics, models, train
+from fml import data, errors, layers, losses, metrics, models, parallel, train
 from fml._model import Model
 from fml.errors import FmlError
 from fml.sweep import sweep
@@ -40,6 +40,7 @@ __all__ = [
     "losses",
     "metrics",
     "models",
+    "parallel",
     "predict",
     "sweep",
     "train",

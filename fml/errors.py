@@ -33,6 +33,10 @@ class TrainingError(FmlError, RuntimeError):
     """Training diverged (NaN or inf loss) or cannot continue."""
 
 
+class DistributedError(FmlError, RuntimeError):
+    """Processes could not join one run, or disagree on its shape."""
+
+
 class CheckpointError(FmlError, OSError):
     """A checkpoint is missing, corrupt, or does not match its model."""
 

@@ -117,8 +117,13 @@ def history_csv(history: dict) -> str:
 
 
 def save_run(run_dir, *, model, params, config: dict, history: dict | None = None) -> pathlib.Path:
-    """Writes a run directory (see the module docstring); returns its path."""
+    """Writes a run directory (see the module docstring); returns its path.
+
+    In a multi-process run only process 0 writes; the others return the path.
+    """
     run_dir = pathlib.Path(run_dir)
+    if jax.process_index() != 0:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "spec.json", model.spec)
     _write_json(run_dir / "config.json", config)

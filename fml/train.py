@@ -415,6 +415,8 @@ def fit(
     checkpoint_every_epochs: int | None = 1,
     keep: int | None = 3,
     resume: bool = False,
+    parallel: str | None = None,
+    devices=None,
 ):
     """Trains `model` on `data` with minibatch gradient descent.
 
@@ -455,6 +457,14 @@ def fit(
         if it had never stopped (starts fresh when there is no checkpoint yet).
         Needs the same model, data and trajectory settings (optimizer, learning
         rate, batch size, seed, ...); else `CheckpointError`.
+      parallel: data parallelism over `devices` (`fml.parallel`): "shard_map" (a
+        mesh; spans every process joined by `fml.parallel.initialize`) or "pmap".
+        None (default) is off: one device, exactly as before, unless several
+        processes have joined, where it means "shard_map". `batch_size` stays the
+        global batch; one that does not divide by the device count is padded with
+        mask 0.
+      devices: with `parallel`, None for every device, an int `n` for the first
+        `n`, or a list of `jax.Device`s.
 
     Returns:
       `(state, history)`: the final `TrainState` and a `History` of per-epoch metrics.
@@ -568,11 +578,11 @@ def fit(
 
     def save_checkpoint():
         checkpoints.save(
-            state,
+            local(state),
             {
                 "spec": model.spec,
                 "config": config,
-                "position": _position(int(state.step), steps_per_epoch),
+                "position": _position(int(local(state).step), steps_per_epoch),
                 "history": dict(history),
                 "epoch_metrics": {k: v.tolist() for k, v in _stack_metrics(epoch_metrics).items()},
                 "best": None if best[1] is None else {"loss": best[0], "epoch": best[2]},
@@ -581,17 +591,35 @@ def fit(
             best_params=best[1] if patience is not None else None,
         )
 
-    run_steps = _step_runner(
-        make_train_step(model, objective, tx),
+    dp = None
+    if parallel is not None or jax.process_count() > 1:
+        from fml import parallel as parallel_lib  # it builds on this module
+
+        if full_batch:
+            # its line search's psums inside a while loop deadlock XLA's CPU collectives
+            raise ConfigError(f"optimizer {optimizer!r} is full-batch: fit it with parallel=None")
+        dp = parallel_lib.data_parallel(parallel or "shard_map", devices)
+        quiet = quiet or not parallel_lib.is_main_process()
+        state = dp.replicate(state)
+    local = dp.local if dp else lambda state: state
+    if dp and stream is not None:
+        raise ConfigError(
+            "fit(parallel=...) feeds on-host arrays; a BatchStream under data parallelism is "
+            "not supported yet: pass arrays, or drive the stream with fml.parallel yourself"
+        )
+    runner = (
+        functools.partial(dp.step_runner) if dp else functools.partial(_step_runner, stream=stream)
+    )
+    run_steps = runner(
+        make_train_step(model, objective, tx, axis_name="data" if dp else None),
         x,
         y,
         seed=seed,
         batch_size=batch_size,
         drop_remainder=drop_remainder,
         fused=fused,
-        stream=stream,
     )
-    start_epoch, offset = divmod(int(state.step), steps_per_epoch)
+    start_epoch, offset = divmod(int(local(state).step), steps_per_epoch)
     end_epoch = start_epoch if stopped else (epochs if resume else start_epoch + epochs)
     bar = _progress(range(start_epoch, end_epoch), quiet)
     for epoch in bar:
@@ -612,14 +640,15 @@ def fit(
             **{f"train_{k}": v for k, v in train.items()},
         )
         if x_val is not None:
-            val = evaluate(model, state.params, x_val, y_val, loss=loss, metric=metric, task=task)
+            params = local(state).params
+            val = evaluate(model, params, x_val, y_val, loss=loss, metric=metric, task=task)
             history.append(**{f"val_{k}": v for k, v in val.items()})
             if val["loss"] < best[0]:
-                best = (val["loss"], jax.device_get(state.params), epoch)
+                best = (val["loss"], jax.device_get(params), epoch)
             else:
                 stopped = patience is not None and epoch - best[2] >= patience
         due = _divides(checkpoint_every_epochs, epoch + 1) or _divides(
-            checkpoint_every, int(state.step)
+            checkpoint_every, int(local(state).step)
         )
         if checkpoints is not None and (due or stopped):
             save_checkpoint()
@@ -632,6 +661,7 @@ def fit(
     if checkpoints is not None:
         save_checkpoint()
         checkpoints.close()
+    state = local(state)
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]

@@ -1,0 +1,217 @@
+"""Data parallelism on 8 simulated CPU devices equals training on one device."""
+
+import time
+
+import jax
+import numpy as np
+import pytest
+from parallel_cases import data, families, train
+
+import fml
+from fml import parallel, scaling
+from fml.errors import ConfigError, DistributedError, UnknownNameError
+
+TOLERANCE = 1e-5
+
+
+def max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_eight_devices_are_there():
+    assert jax.device_count() == 8
+
+
+# shard_map (the default launcher) host-fed and fused, pmap host-fed, for each
+# family; pmap fused for the MLP.
+CASES = [(f, "shard_map", fused) for f in ("mlp", "cnn", "lstm") for fused in (False, True)]
+CASES += [(f, "pmap", False) for f in ("mlp", "cnn", "lstm")] + [("mlp", "pmap", True)]
+
+
+@pytest.mark.parametrize("family,launcher,fused", CASES)
+def test_eight_devices_match_one_device(family, launcher, fused, record_property):
+    one_device = train(family)
+    eight = train(family, launcher, fused)
+    record_property("max_abs_diff", max_abs_diff(eight, one_device))
+    assert max_abs_diff(eight, one_device) <= TOLERANCE
+    # and training moved the params by far more than the tolerance
+    init = families()[family].init(jax.random.split(jax.random.key(0))[0], data()[0].shape[1:])
+    assert max_abs_diff(one_device, init) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "lstm"])
+def test_pmap_matches_shard_map(family, record_property):
+    record_property("max_abs_diff", max_abs_diff(train(family, "pmap"), train(family, "shard_map")))
+    assert max_abs_diff(train(family, "pmap"), train(family, "shard_map")) <= TOLERANCE
+
+
+@pytest.mark.parametrize("launcher,fused,devices", [("pmap", True, None), ("shard_map", False, 3)])
+def test_uneven_batch_is_padded_with_mask(launcher, fused, devices):
+    # 10 examples per step on 8 (or 3) devices: padded to 16 (or 12) with mask-0 rows.
+    padded = train("mlp", launcher, fused, batch_size=10, devices=devices)
+    assert max_abs_diff(padded, train("mlp", batch_size=10)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "model,loss,optimizer",
+    [
+        (fml.models.svm(3, C=1.0), None, "sgd"),
+        (fml.models.linear_regression(1), "mse", "adam"),
+    ],
+    ids=["svm-hinge-l2", "linear-mse"],
+)
+def test_other_families_and_losses_match(model, loss, optimizer):
+    x, y = data(100)
+    if loss == "mse":
+        y = x[:, :3, 0].sum(axis=1)
+    kwargs = dict(optimizer=optimizer, epochs=2, batch_size=30, loss=loss, quiet=True)
+    one, _ = fml.fit(model, (x, y), **kwargs)
+    eight, _ = fml.fit(model, (x, y), parallel="shard_map", **kwargs)
+    assert max_abs_diff(eight.params, one.params) <= TOLERANCE
+    assert (
+        max_abs_diff(one.params, model.init(jax.random.split(jax.random.key(0))[0], (8, 1))) > 1e-3
+    )
+
+
+def test_pad_batch_appends_masked_copies_of_row_zero():
+    batch = {"x": np.arange(6.0).reshape(3, 2), "y": np.array([4, 5, 6]), "mask": np.ones(3)}
+    padded = parallel.pad_batch(batch, 4)
+    np.testing.assert_array_equal(padded["x"], [[0, 1], [2, 3], [4, 5], [0, 1]])
+    np.testing.assert_array_equal(padded["y"], [4, 5, 6, 4])
+    np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 0])
+    assert parallel.pad_batch(batch, 3) == batch
+
+
+def test_shard_batch_lays_rows_out_per_device():
+    mesh = parallel.data_mesh()
+    batch = parallel.shard_batch({"x": np.arange(13.0), "y": np.arange(13)}, mesh)
+    assert batch["x"].shape == (16,)
+    assert [s.data.shape for s in batch["x"].addressable_shards] == [(2,)] * 8
+    np.testing.assert_array_equal(batch["mask"], [1] * 13 + [0] * 3)
+    stacked = parallel.shard_batch({"x": np.arange(16.0)}, mesh, stacked=True)
+    np.testing.assert_array_equal(stacked["x"], np.arange(16.0).reshape(8, 2))
+
+
+def test_devices_argument():
+    assert parallel.data_mesh(4).size == 4
+    assert parallel.data_mesh(jax.devices()[2:5]).devices.tolist() == jax.devices()[2:5]
+
+
+@pytest.mark.parametrize("devices", [0, 9, "all", [jax.devices()[0]] * 2])
+def test_bad_devices_are_rejected(devices):
+    with pytest.raises(ConfigError, match="devices"):
+        parallel.data_mesh(devices)
+
+
+def test_full_batch_optimizer_is_refused():
+    with pytest.raises(ConfigError, match="'lbfgs' is full-batch"):
+        fml.fit(families()["mlp"], data(16), optimizer="lbfgs", parallel="pmap", quiet=True)
+
+
+def test_unknown_launcher():
+    with pytest.raises(UnknownNameError, match="'pjit'"):
+        fml.fit(families()["mlp"], data(16), parallel="pjit", quiet=True)
+
+
+def test_unreachable_coordinator_fails_in_bounded_time():
+    free_port = _closed_port()
+    started = time.monotonic()
+    with pytest.raises(DistributedError, match=f"coordinator at 127.0.0.1:{free_port} within 1 s"):
+        parallel.initialize(f"127.0.0.1:{free_port}", 2, 1, timeout_s=1.0)
+    assert time.monotonic() - started < 3.0
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ cluster settings
+
+
+def test_single_process_without_settings(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_JOB_ID", "TPU_WORKER_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.cluster_from_environment(env={}) == (None, 1, 0, "single process")
+    assert parallel.initialize() == (None, 1, 0, "single process")
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        (
+            {"JAX_COORDINATOR_ADDRESS": "10.0.0.5:1234", "JAX_NUM_PROCESSES": "4",
+             "JAX_PROCESS_ID": "3"},
+            ("10.0.0.5:1234", 4, 3, "JAX_* variables"),
+        ),
+        (
+            {"SLURM_JOB_ID": "4097", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
+             "SLURM_STEP_NODELIST": "gpu[017-020,031],cpu1"},
+            ("gpu017:61441", 8, 5, "SLURM"),
+        ),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_JOB_NODELIST": "a1,a2", "JAX_COORDINATOR_PORT": "999"},
+            ("a1:999", 2, 1, "SLURM"),
+        ),
+        (
+            {"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3", "TPU_WORKER_ID": "2"},
+            ("t-0:8482", 4, 2, "TPU pod"),
+        ),
+    ],
+    ids=["kubeflow-jax-vars", "slurm-range", "slurm-list-port", "gke-tpu"],
+)  # fmt: skip
+def test_cluster_from_environment(env, expected):
+    assert tuple(parallel.cluster_from_environment(env=env)) == expected
+
+
+def test_arguments_override_the_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "0"}
+    cluster = parallel.cluster_from_environment(process_id=2, env=env)
+    assert cluster == ("h:1", 4, 2, "arguments and JAX_* variables")
+
+
+@pytest.mark.parametrize(
+    "kwargs,env,match",
+    [
+        ({"coordinator_address": "h:1"}, {}, "missing num_processes, process_id"),
+        ({}, {"JAX_NUM_PROCESSES": "two", "JAX_COORDINATOR_ADDRESS": "h:1",
+              "JAX_PROCESS_ID": "0"}, "num_processes as an int .*'two'"),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {},
+         "0 <= process_id < num_processes=2, got 2"),
+        ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+    ],
+)  # fmt: skip
+def test_bad_cluster_settings(kwargs, env, match):
+    with pytest.raises(ConfigError, match=match):
+        parallel.cluster_from_environment(**kwargs, env=env)
+
+
+# ------------------------------------------------------------------ throughput
+
+
+def test_scaling_efficiency_closed_form():
+    rows = [
+        {"devices": 1, "samples_per_s": 1000.0},
+        {"devices": 4, "samples_per_s": 3000.0},
+    ]
+    out = scaling.scaling(rows)
+    assert [r["samples_per_s_per_device"] for r in out] == [1000.0, 750.0]
+    assert [r["efficiency"] for r in out] == [1.0, 0.75]
+
+
+def test_data_parallel_report_times_the_same_work():
+    report = scaling.data_parallel_report(
+        "logistic_regression", device_counts=[1, 8], per_device_batch=3, steps=2, repeats=1
+    )
+    assert [r["batch_size"] for r in report["scaling"]] == [3, 24]
+    for row in report["scaling"]:
+        assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["seconds_per_step"])
+    for row in report["overhead"]:
+        # the parallel and the single-device step reached the same loss
+        assert row["loss_difference"] <= TOLERANCE
+        assert row["overhead"] == pytest.approx(row["parallel_seconds"] / row["single_seconds"] - 1)
+    assert "| 8 | 24 |" in scaling.markdown(report)
