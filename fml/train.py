@@ -607,9 +607,7 @@ def fit(
             "fit(parallel=...) feeds on-host arrays; a BatchStream under data parallelism is "
             "not supported yet: pass arrays, or drive the stream with fml.parallel yourself"
         )
-    runner = (
-        functools.partial(dp.step_runner) if dp else functools.partial(_step_runner, stream=stream)
-    )
+    runner = dp.step_runner if dp else functools.partial(_step_runner, stream=stream)
     run_steps = runner(
         make_train_step(model, objective, tx, axis_name="data" if dp else None),
         x,
