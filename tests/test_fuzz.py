@@ -110,8 +110,8 @@ def bad_fit_calls(draw):
     for defect in defects:
         if defect == "x_dtype":
             x = x.astype(draw(st.sampled_from([np.int32, np.int8, np.bool_, np.complex64, str])))
-        elif defect == "x_rank":
-            x = x[:, 0] if draw(st.booleans()) else x[0, 0]
+        elif defect == "x_rank" and x.ndim == 2:  # (else x is a scalar: bad already)
+            x = x[:, 0] if draw(st.booleans()) or not x.size else x[0, 0]
         elif defect == "y_length":
             y = np.concatenate([y, np.zeros(draw(st.integers(1, 3)), y.dtype)])
         elif defect == "labels":
@@ -121,7 +121,7 @@ def bad_fit_calls(draw):
             x.reshape(-1)[draw(st.integers(0, x.size - 1))] = draw(
                 st.sampled_from([np.nan, np.inf, -np.inf])
             )
-        elif defect == "empty":
+        elif defect == "empty" and x.ndim:
             x, y = x[:0], y[:0]
         elif defect in ("batch_size", "epochs"):
             kwargs[defect] = draw(
