@@ -1,5 +1,5 @@
-"""The `fml` command line. `fml` alone runs the main job (every family on
-embedded data, one table); subcommands are registered in `COMMANDS`."""
+"""The `fml` command line. `fml` alone runs the main job (the MNIST-1D table,
+every family, seed 0); subcommands are registered in `COMMANDS`."""
 
 import argparse
 import sys
@@ -11,7 +11,7 @@ from fml.export.cli import add_export
 
 
 def _add_main(subparsers):
-    p = subparsers.add_parser("main", help="train every family on embedded data; print the table")
+    p = subparsers.add_parser("main", help="the MNIST-1D table: every family, seed 0; print it")
     p.add_argument("--out", default="runs/main", help="directory for the table (default runs/main)")
     p.add_argument("--quick", action="store_true", help="tiny budgets, for smoke tests")
     p.set_defaults(run=_run_main)

@@ -27,7 +27,19 @@ def _eval(capsys, *args):
     [
         ["logistic_regression", "--dataset", "breast_cancer", "--epochs", "3"],
         ["cnn", "--dataset", "digits", "--epochs", "1", "--optimizer", "momentum", "--lr", "0.01"],
-        ["rnn", "--dataset", "mnist1d", "--cell", "lstm", "--epochs", "1", "--seed", "3"],
+        [
+            "rnn",
+            "--dataset",
+            "mnist1d",
+            "--cell",
+            "lstm",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "500",
+            "--seed",
+            "3",
+        ],
     ],
     ids=["logistic", "cnn", "lstm"],
 )
