@@ -316,7 +316,11 @@ class DataParallel:
                 batches = self.replicate((index_SxB, mask_SxB))
                 state, metrics = run_scan(state, x_dev, y_dev, *batches)
                 return state, self.local(metrics)
-            return _host_steps(host_step, state, x, y, index_SxB, mask_SxB)
+            batches = (
+                {"x": x[index_B], "y": y[index_B], "mask": mask_B}
+                for index_B, mask_B in zip(index_SxB, mask_SxB)
+            )
+            return _host_steps(host_step, state, batches)
 
         return run
 
