@@ -224,7 +224,10 @@ def test_failed_save_leaves_previous_checkpoint_intact(run, tmp_path, monkeypatc
     monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", disk_full)
     later = restored.state._replace(step=restored.state.step + 1)
     with pytest.raises(
-        CheckpointError, match=r"step 9 .*No space left.*last good checkpoint is step 8"
+        # orbax's clean-up of the half-written step can race the injected error and
+        # report ENOTEMPTY instead of ENOSPC; either way the message names both steps.
+        CheckpointError,
+        match=r"step 9 .*(No space left|Directory not empty).*last good checkpoint is step 8",
     ):
         checkpoints.save(later, restored.meta)
     monkeypatch.undo()
