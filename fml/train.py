@@ -175,10 +175,15 @@ def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
 
     Shuffles the on-device arrays with `key`, then `lax.scan`s `train_step` over
     the batches; per-step metrics come back stacked `[steps]`. The same batches,
-    in the same order, as `batches(...)` on the host.
+    in the same order, as `batches(...)` on the host. A full batch (`batch_size`
+    equal to the number of examples, as for lbfgs) is used as it is, unshuffled.
     """
 
     def epoch(state, x, y, key):
+        if x.shape[0] == batch_size:  # full batch: order is irrelevant, skip the gather
+            mask_B = jnp.ones((batch_size,), jnp.float32)
+            state, metrics = train_step(state, {"x": x, "y": y, "mask": mask_B})
+            return state, jax.tree.map(lambda m: m[None], metrics)
         index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
 
         def body(state, inputs):
@@ -213,6 +218,13 @@ def epoch_indices(key, num_examples: int, batch_size: int, drop_remainder: bool 
 # ------------------------------------------------------------------ state
 
 
+def _distinct_strong(tree):
+    """A copy of every leaf, strongly typed. optax's lbfgs state shares one array
+    between leaves (a donating step cannot take it) and starts with weak-typed
+    scalars the step returns strong (the second step would recompile)."""
+    return jax.tree.map(lambda leaf: jnp.array(leaf, dtype=leaf.dtype), tree)
+
+
 def init_state(
     model: Model, optimizer, input_shape, *, seed: int = 0, l2: float = 0.0
 ) -> TrainState:
@@ -222,7 +234,7 @@ def init_state(
     params = model.init(init_key, tuple(input_shape))
     return TrainState(
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=_distinct_strong(optimizer.init(params)),
         step=jnp.zeros((), jnp.int32),
         key=run_key,
         hparams={"l2": jnp.asarray(l2, jnp.float32)},
@@ -418,16 +430,14 @@ def fit(
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
 
-    train_step = make_train_step(model, objective, tx)
+    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
+    program = _training_program(model, settings, batch_size, drop_remainder, fused)
     shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
     if fused:
-        run_epoch = jax.jit(
-            make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
-            donate_argnums=0,
-        )
+        run_epoch = program
         x_dev, y_dev = jax.device_put(x), jax.device_put(y)
     else:
-        step = jax.jit(train_step, donate_argnums=0)
+        step = program
 
     history = History()
     best = (math.inf, None, -1)
@@ -476,12 +486,49 @@ def fit(
     return state, history
 
 
+_PROGRAMS: dict = {}
+_MAX_PROGRAMS = 32
+
+
+def _training_program(model: Model, settings: tuple, batch_size, drop_remainder, fused):
+    """The jitted step (or fused epoch) `fit` runs, reused when the same model
+    object is fitted again with the same settings, so that fit does not compile
+    twice. A float learning rate lives in the optimizer state, not the program."""
+    loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs = settings
+    lr_key = learning_rate if callable(learning_rate) else None
+    kwargs_key = tuple(sorted((optimizer_kwargs or {}).items()))
+    key = (model.init, model.apply, loss, task, optimizer, lr_key, clip_norm, kwargs_key)
+    key += (batch_size, drop_remainder, fused)
+    try:
+        program = _PROGRAMS.get(key)
+    except TypeError:  # an unhashable setting: build afresh
+        key, program = None, None
+    if program is None:
+        tx = make_optimizer(
+            optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
+        )
+        train_step = make_train_step(model, make_objective(model, loss, task), tx)
+        if fused:
+            train_step = make_epoch(
+                train_step, batch_size=batch_size, drop_remainder=drop_remainder
+            )
+        program = jax.jit(train_step, donate_argnums=0)
+        if key is not None:
+            if len(_PROGRAMS) >= _MAX_PROGRAMS:
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
+            _PROGRAMS[key] = program
+    return program
+
+
 def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
 def _host_epoch(step, state, x, y, key, batch_size, drop_remainder):
     """One epoch of jitted steps fed from host arrays; the same batches as `make_epoch`."""
+    if x.shape[0] == batch_size:  # full batch, as make_epoch: no shuffle
+        state, m = step(state, {"x": x, "y": y, "mask": np.ones(batch_size, np.float32)})
+        return state, jax.tree.map(lambda v: v[None], m)
     index_SxB, mask_SxB = jax.device_get(epoch_indices(key, x.shape[0], batch_size, drop_remainder))
     per_step = []
     for index_B, mask_B in zip(index_SxB, mask_SxB):
