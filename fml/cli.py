@@ -4,6 +4,7 @@ embedded data, one table); subcommands are registered in `COMMANDS`."""
 import argparse
 import sys
 
+from fml import _cli_runs
 from fml.errors import FmlError
 
 
@@ -29,7 +30,7 @@ def _add_bench(subparsers):
 
 
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main, _add_bench]
+COMMANDS = [_add_main, *_cli_runs.COMMANDS, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,3 +56,24 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module} is required for this; install it with `pip install 'fml[{extra}]'`"
         ) from e
+
+
+def in_range(value, name: str, low: float, high: float, *, closed: str = "left") -> float:
+    """`value` as a float if it is a real number in the interval, else `ConfigError`.
+
+    `closed` is "left" (`[low, high)`), "right", "both" or "neither".
+    """
+    import math
+    import numbers
+
+    left = "[" if closed in ("left", "both") else "("
+    right = "]" if closed in ("right", "both") else ")"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        value = float(value)
+        ok = (low <= value if left == "[" else low < value) and (
+            value <= high if right == "]" else value < high
+        )
+    if not ok:
+        raise ConfigError(f"expected {name} in {left}{low}, {high}{right}, got {value!r}")
+    return value

@@ -45,6 +45,11 @@ def activation(name: str | None) -> Callable:
 # ---------------------------------------------------------------------- dense
 
 
+def add_bias(y, b):
+    """`y + b` over the last axis, with explicit broadcasting (rank-promotion safe)."""
+    return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+
+
 def dense_init(key, in_features: int, out_features: int, dtype=jnp.float32) -> dict:
     """`{"w": [in, out], "b": [out]}` with LeCun-normal weights and zero bias."""
     w = jax.nn.initializers.lecun_normal()(key, (in_features, out_features), dtype)
@@ -53,7 +58,7 @@ def dense_init(key, in_features: int, out_features: int, dtype=jnp.float32) -> d
 
 def dense(params: dict, x):
     """`x @ w + b` over the last axis of `x`."""
-    return x @ params["w"] + params["b"]
+    return add_bias(x @ params["w"], params["b"])
 
 
 def flatten(x):
@@ -109,7 +114,7 @@ def conv(params: dict, x, *, stride: int | Sequence[int] = 1, padding: Padding =
         padding=explicit_padding(padding, ndim),
         dimension_numbers=_CONV_DIMS[ndim],
     )
-    return y + params["b"]
+    return add_bias(y, params["b"])
 
 
 # -------------------------------------------------------------------- pooling
@@ -193,7 +198,8 @@ def layer_norm(params: dict, x, eps: float = 1e-5):
     """Normalises the last axis to zero mean, unit variance, then scales and shifts."""
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * lax.rsqrt(var + eps) * params["scale"] + params["bias"]
+    normed = (x - mean) * lax.rsqrt(var + eps)
+    return add_bias(normed * params["scale"].reshape((1,) * (x.ndim - 1) + (-1,)), params["bias"])
 
 
 # ------------------------------------------------------------ recurrent cells
@@ -230,17 +236,17 @@ def cell_init(key, gates: int, in_features: int, hidden: int, dtype=jnp.float32)
 
 def project(params: dict, x):
     """The input half of every gate: `x @ weight_ih.T + bias_ih`."""
-    return x @ params["weight_ih"].T + params["bias_ih"]
+    return add_bias(x @ params["weight_ih"].T, params["bias_ih"])
 
 
 def _simple_step(params, h, gx):
-    h = jnp.tanh(gx + h @ params["weight_hh"].T + params["bias_hh"])
+    h = jnp.tanh(gx + add_bias(h @ params["weight_hh"].T, params["bias_hh"]))
     return h, h
 
 
 def _lstm_step(params, carry, gx):
     h, c = carry
-    gates = gx + h @ params["weight_hh"].T + params["bias_hh"]
+    gates = gx + add_bias(h @ params["weight_hh"].T, params["bias_hh"])
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -248,7 +254,7 @@ def _lstm_step(params, carry, gx):
 
 
 def _gru_step(params, h, gx):
-    gh = h @ params["weight_hh"].T + params["bias_hh"]
+    gh = add_bias(h @ params["weight_hh"].T, params["bias_hh"])
     x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)
@@ -278,7 +284,8 @@ def get_cell(name: str) -> Cell:
 def _reverse_within_lengths(x_BxTx, lengths_B):
     """Reverses each sequence's first `lengths[b]` steps, leaving padding in place."""
     t = jnp.arange(x_BxTx.shape[1])
-    index_BxT = jnp.where(t < lengths_B[:, None], lengths_B[:, None] - 1 - t, t)
+    t_1xT, lengths_Bx1 = t[None, :], lengths_B[:, None]
+    index_BxT = jnp.where(t_1xT < lengths_Bx1, lengths_Bx1 - 1 - t_1xT, t_1xT)
     return jnp.take_along_axis(x_BxTx, index_BxT[..., None], axis=1)
 
 

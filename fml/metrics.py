@@ -21,7 +21,7 @@ def r2(outputs, targets):
     """Coefficient of determination, averaged uniformly over outputs (scikit-learn's)."""
     targets = targets.reshape(outputs.shape) if targets.ndim == outputs.ndim - 1 else targets
     ss_res = jnp.sum(jnp.square(targets - outputs), axis=0)
-    ss_tot = jnp.sum(jnp.square(targets - targets.mean(0)), axis=0)
+    ss_tot = jnp.sum(jnp.square(targets - targets.mean(0, keepdims=True)), axis=0)
     return jnp.mean(1.0 - ss_res / ss_tot)
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import tempfile
+import zipfile
 
 import jax
 import numpy as np
@@ -83,7 +84,7 @@ def load_params(path) -> dict:
             return unflatten_params({k: f[k] for k in f.files})
     except FileNotFoundError as e:
         raise CheckpointError(f"no params file at {path}") from e
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"params file {path} is corrupt or truncated: {e}") from e
 
 

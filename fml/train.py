@@ -22,7 +22,8 @@ from fml import metrics as metrics_lib
 from fml import models as models_lib
 from fml._model import Model
 from fml.data import Dataset, check_arrays
-from fml.errors import ConfigError, ShapeError, TrainingError, unknown
+from fml.data._embedded import as_array
+from fml.errors import ConfigError, ShapeError, TrainingError, in_range, unknown
 
 
 class TrainState(NamedTuple):
@@ -72,17 +73,23 @@ def make_optimizer(
       clip_norm: clip gradients to this global norm first.
       **kwargs: passed to the optax factory (e.g. `b1`, `weight_decay`).
     """
-    if isinstance(optimizer, optax.GradientTransformation):
-        tx = optimizer
-    elif optimizer == "lbfgs":
-        tx = optax.lbfgs(**kwargs)
-    elif optimizer in OPTIMIZERS:
-        if not callable(learning_rate) and not learning_rate > 0:
-            raise ConfigError(f"expected learning_rate > 0, got {learning_rate}")
-        tx = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=learning_rate, **kwargs)
-    else:
-        raise unknown("optimizer", optimizer, [*OPTIMIZERS, *FULL_BATCH_OPTIMIZERS])
+    named = isinstance(optimizer, str)
+    if not callable(learning_rate):
+        in_range(learning_rate, "learning_rate", 0.0, math.inf, closed="neither")
+    try:
+        if isinstance(optimizer, optax.GradientTransformation):
+            tx = optimizer
+        elif named and optimizer in FULL_BATCH_OPTIMIZERS:
+            tx = optax.lbfgs(**kwargs)
+        elif named and optimizer in OPTIMIZERS:
+            factory = optax.inject_hyperparams(OPTIMIZERS[optimizer])
+            tx = factory(learning_rate=learning_rate, **kwargs)
+        else:
+            raise unknown("optimizer", optimizer, [*OPTIMIZERS, *FULL_BATCH_OPTIMIZERS])
+    except TypeError as e:
+        raise ConfigError(f"optimizer {optimizer!r} does not take {kwargs}: {e}") from e
     if clip_norm is not None:
+        clip_norm = in_range(clip_norm, "clip_norm", 0.0, math.inf, closed="neither")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return optax.with_extra_args_support(tx)
 
@@ -170,27 +177,41 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
     return train_step
 
 
+def make_steps(train_step):
+    """Steps over given batches as one program:
+    `steps(state, x, y, index_SxB, mask_SxB) -> (state, metrics)`.
+
+    `lax.scan`s `train_step` over the batches `x[index_SxB[s]]`; per-step
+    metrics come back stacked `[S]`.
+    """
+
+    def steps(state, x, y, index_SxB, mask_SxB):
+        def body(state, inputs):
+            index_B, mask_B = inputs
+            return train_step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
+
+        return jax.lax.scan(body, state, (index_SxB, mask_SxB))
+
+    return steps
+
+
 def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
     """One epoch as one program: `epoch(state, x, y, key) -> (state, metrics)`.
 
     Shuffles the on-device arrays with `key`, then `lax.scan`s `train_step` over
     the batches; per-step metrics come back stacked `[steps]`. The same batches,
     in the same order, as `batches(...)` on the host. A full batch (`batch_size`
-    equal to the number of examples, as for lbfgs) is used as it is, unshuffled.
+    equal to the number of examples, as for lbfgs) is used as it is, unshuffled:
+    the order does not matter to a sum and the gather would cost a copy of `x`.
     """
+    steps = make_steps(train_step)
 
     def epoch(state, x, y, key):
-        if x.shape[0] == batch_size:  # full batch: order is irrelevant, skip the gather
+        if x.shape[0] == batch_size:
             mask_B = jnp.ones((batch_size,), jnp.float32)
             state, metrics = train_step(state, {"x": x, "y": y, "mask": mask_B})
             return state, jax.tree.map(lambda m: m[None], metrics)
-        index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
-
-        def body(state, inputs):
-            index_B, mask_B = inputs
-            return train_step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
-
-        return jax.lax.scan(body, state, (index_SxB, mask_SxB))
+        return steps(state, x, y, *epoch_indices(key, x.shape[0], batch_size, drop_remainder))
 
     return epoch
 
@@ -218,13 +239,6 @@ def epoch_indices(key, num_examples: int, batch_size: int, drop_remainder: bool 
 # ------------------------------------------------------------------ state
 
 
-def _distinct_strong(tree):
-    """A copy of every leaf, strongly typed. optax's lbfgs state shares one array
-    between leaves (a donating step cannot take it) and starts with weak-typed
-    scalars the step returns strong (the second step would recompile)."""
-    return jax.tree.map(lambda leaf: jnp.array(leaf, dtype=leaf.dtype), tree)
-
-
 def init_state(
     model: Model, optimizer, input_shape, *, seed: int = 0, l2: float = 0.0
 ) -> TrainState:
@@ -234,7 +248,10 @@ def init_state(
     params = model.init(init_key, tuple(input_shape))
     return TrainState(
         params=params,
-        opt_state=_distinct_strong(optimizer.init(params)),
+        # Copied leaf by leaf and strongly typed: optax's lbfgs aliases one buffer
+        # twice in its initial state (donation rejects that) and starts with
+        # weak-typed scalars its update returns strong (the 2nd step recompiled).
+        opt_state=jax.tree.map(lambda v: jnp.array(v, dtype=v.dtype), optimizer.init(params)),
         step=jnp.zeros((), jnp.int32),
         key=run_key,
         hparams={"l2": jnp.asarray(l2, jnp.float32)},
@@ -278,6 +295,7 @@ def evaluate(
 ) -> dict:
     """Loss and metric over a whole set: `{"loss": float, "accuracy" | "r2": float}`."""
     objective = make_objective(model, loss, task)
+    check_arrays(x, y, task=_task(objective), where="evaluation data")
     metric = metric or ("accuracy" if objective.classify else "r2")
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
     outputs = jnp.asarray(predict(model, params, x, batch_size=batch_size))
@@ -299,12 +317,11 @@ def _as_arrays(data, validation):
             raise ConfigError("pass validation= to fml.data.load for a Dataset, not to fit")
         return data.x_train, data.y_train, *val, data.x_test, data.y_test, data.task
     if isinstance(data, tuple | list) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
+        x, y = as_array(data[0], "x", "training data"), as_array(data[1], "y", "training data")
         task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
         x_val = y_val = None
-        if validation:
-            if not 0.0 < validation < 1.0:
-                raise ConfigError(f"expected validation fraction in (0, 1), got {validation}")
+        if validation and x.ndim:
+            in_range(validation, "validation fraction", 0.0, 1.0, closed="neither")
             cut = x.shape[0] - max(1, int(round(validation * x.shape[0])))
             x, x_val, y, y_val = x[:cut], x[cut:], y[:cut], y[cut:]
         return x, y, x_val, y_val, None, None, task
@@ -313,10 +330,40 @@ def _as_arrays(data, validation):
     )
 
 
+def _task(objective: Objective) -> str:
+    return "classification" if objective.classify else "regression"
+
+
 def num_outputs(model: Model, params) -> int:
     """Width of the model's output layer, read off its params."""
     last = list(params.values())[-1]
     return int(last["w"].shape[-1])
+
+
+def _batch_shape(dims) -> str:
+    return str(("N", *dims)).replace("'", "")
+
+
+def _check_targets(model: Model, params, x, y, objective: Objective, where: str) -> int | None:
+    """Traces `apply` on one example (checking the input) and checks the targets'
+    shape against the output's; returns the classifier's output width, or None."""
+    out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+    outputs = tuple(out.shape[1:])
+    if objective.classify:
+        want = () if outputs == (1,) else outputs[:-1]
+        if tuple(y.shape[1:]) != want:
+            raise ShapeError(
+                f"{where}: expected integer labels of shape {_batch_shape(want)} for "
+                f"{model.family} outputs of shape {_batch_shape(outputs)}, got {y.shape}"
+            )
+        return outputs[-1]
+    if tuple(y.shape[1:]) not in (outputs, () if outputs == (1,) else None):
+        raise ShapeError(
+            f"{where}: float targets mean regression, and the {model.family} outputs are "
+            f"{_batch_shape(outputs)}, so expected y of shape {_batch_shape(outputs)}, got "
+            f"{y.shape}; for classification pass integer labels"
+        )
+    return None
 
 
 def _mean_metrics(step_metrics) -> dict:
@@ -359,6 +406,11 @@ def fit(
     quiet: bool = False,
     state: TrainState | None = None,
     optimizer_kwargs: dict | None = None,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+    checkpoint_every_epochs: int | None = 1,
+    keep: int | None = 3,
+    resume: bool = False,
 ):
     """Trains `model` on `data` with minibatch gradient descent.
 
@@ -382,11 +434,29 @@ def fit(
       drop_remainder: drop a last partial batch instead of padding it with a mask.
       clip_norm: clip gradients to this global norm.
       quiet: no progress bar.
-      state: continue from this `TrainState` instead of a fresh one.
+      state: continue from this `TrainState` instead of a fresh one (for `epochs`
+        more epochs, starting mid-epoch if `state.step` is).
       optimizer_kwargs: extra arguments of the optax factory.
+      checkpoint_dir: a run directory to checkpoint into (`fml.checkpoint`):
+        the whole run state, every `checkpoint_every` steps, every
+        `checkpoint_every_epochs` epochs and at the end. A new run refuses a
+        directory that already holds checkpoints.
+      checkpoint_every: steps between checkpoints (None: only at epoch ends).
+      checkpoint_every_epochs: epochs between checkpoints (None: only at the end).
+      keep: how many of the latest checkpoints to keep (None: all).
+      resume: continue the run in `checkpoint_dir` from its latest checkpoint to a
+        total of `epochs` epochs, with the same batches, randomness and history as
+        if it had never stopped (starts fresh when there is no checkpoint yet).
+        Needs the same model, data and trajectory settings (optimizer, learning
+        rate, batch size, seed, ...); else `CheckpointError`.
 
     Returns:
       `(state, history)`: the final `TrainState` and a `History` of per-epoch metrics.
+
+    Raises:
+      TrainingError: a step's loss became NaN or inf (the message names the step
+        and the last good checkpoint, which is kept).
+      CheckpointError: a checkpoint cannot be written or does not fit this run.
 
     Example:
       >>> import fml
@@ -396,11 +466,29 @@ def fit(
       >>> history["test"]["accuracy"] > 0.9
       True
     """
+    if not isinstance(model, Model):
+        raise ConfigError(f"expected an fml Model, got {type(model).__name__}")
     x, y, x_val, y_val, x_test, y_test, task = _as_arrays(data, validation)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"expected seed to be an int, got {seed!r}")
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, int) or patience < 0
+    ):
+        raise ConfigError(f"expected patience to be an int >= 0 or None, got {patience!r}")
     if not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"expected epochs to be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
+    for name, every in (
+        ("checkpoint_every", checkpoint_every),
+        ("checkpoint_every_epochs", checkpoint_every_epochs),
+    ):
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ConfigError(f"expected {name} to be a positive int or None, got {every!r}")
+    if resume and state is not None:
+        raise ConfigError("pass either state= or resume=True, not both")
     check_arrays(x, y, task=task, where="training data")
     objective = make_objective(model, loss, task)
     if objective.classify and task == "regression":
@@ -408,18 +496,19 @@ def fit(
             f"{model.family} with loss {loss or 'default'} needs integer class "
             "labels, got float targets"
         )
-    full_batch = optimizer in FULL_BATCH_OPTIMIZERS
+    full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_OPTIMIZERS
     batch_size = x.shape[0] if full_batch else batch_size
     if batch_size > x.shape[0] and drop_remainder:
         raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
     tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
     if l2 is None:
         l2 = models_lib.l2_strength(model.spec, x.shape[0])
+    l2 = in_range(l2, "l2", 0.0, math.inf)
     if state is None:
         state = init_state(model, tx, x.shape[1:], seed=seed, l2=l2)
     else:
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
-    expected = num_outputs(model, state.params) if objective.classify else None
+    expected = _check_targets(model, state.params, x, y, objective, "training data")
     check_arrays(x, y, task=task, num_outputs=expected, where="training data")
     for name, (xs, ys) in {
         "validation data": (x_val, y_val),
@@ -429,37 +518,84 @@ def fit(
             check_arrays(xs, ys, task=task, num_outputs=expected, where=name)
             if xs.shape[1:] != x.shape[1:]:
                 raise ShapeError(f"{name}: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
+            _check_targets(model, state.params, xs, ys, objective, name)
 
-    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
-    program = _training_program(model, settings, batch_size, drop_remainder, fused)
-    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
-    if fused:
-        run_epoch = program
-        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
-    else:
-        step = program
+    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    history, best, epoch_metrics, stopped = History(), (math.inf, None, -1), [], False
+    checkpoints = None
+    if checkpoint_dir is not None:
+        from fml import checkpoint as checkpoint_lib
 
-    history = History()
-    best = (math.inf, None, -1)
-    start_epoch = int(state.step) // max(
-        1, _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+        config = checkpoint_lib.fit_config(
+            x,
+            y,
+            task=task,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            optimizer_kwargs=optimizer_kwargs or {},
+            clip_norm=clip_norm,
+            batch_size=batch_size,
+            drop_remainder=drop_remainder,
+            seed=seed,
+            loss=loss,
+            l2=float(l2),
+            epochs=epochs,
+            fused=fused,
+            patience=patience,
+        )
+        checkpoints = checkpoint_lib.Checkpointer(checkpoint_dir, keep=keep)
+        restored = checkpoints.start(model, tx, config, resume=resume)
+        if restored is not None:
+            state = restored.state
+            history, best, epoch_metrics, stopped = _progress_from_meta(restored)
+    elif resume:
+        raise ConfigError("resume=True needs the checkpoint_dir of the run to continue")
+
+    def save_checkpoint():
+        checkpoints.save(
+            state,
+            {
+                "spec": model.spec,
+                "config": config,
+                "position": _position(int(state.step), steps_per_epoch),
+                "history": dict(history),
+                "epoch_metrics": {k: v.tolist() for k, v in _stack_metrics(epoch_metrics).items()},
+                "best": None if best[1] is None else {"loss": best[0], "epoch": best[2]},
+                "stopped": stopped,
+            },
+            best_params=best[1] if patience is not None else None,
+        )
+
+    run_steps = _step_runner(
+        _compiled_steps(
+            model,
+            (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs),
+            batch_size=batch_size,
+            drop_remainder=drop_remainder,
+            fused=fused,
+        ),
+        x,
+        y,
+        seed=seed,
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+        fused=fused,
     )
-    bar = _progress(range(start_epoch, start_epoch + epochs), quiet)
+    start_epoch, offset = divmod(int(state.step), steps_per_epoch)
+    end_epoch = start_epoch if stopped else (epochs if resume else start_epoch + epochs)
+    bar = _progress(range(start_epoch, end_epoch), quiet)
     for epoch in bar:
         started = time.perf_counter()
-        epoch_key = jax.random.fold_in(shuffle_key, epoch)
-        if fused:
-            state, step_metrics = run_epoch(state, x_dev, y_dev, epoch_key)
-        else:
-            state, step_metrics = _host_epoch(
-                step, state, x, y, epoch_key, batch_size, drop_remainder
-            )
-        train = _mean_metrics(jax.device_get(step_metrics))
-        if not math.isfinite(train["loss"]):
-            raise TrainingError(
-                f"loss became {train['loss']} in epoch {epoch} (step "
-                f"{int(state.step)}); lower the learning rate or set clip_norm"
-            )
+        for begin, end in _step_ranges(epoch, offset, steps_per_epoch, checkpoint_every):
+            state, chunk = run_steps(state, epoch, begin, end)
+            chunk = jax.device_get(chunk)
+            _check_finite_loss(chunk, epoch * steps_per_epoch + begin, epoch, checkpoints)
+            epoch_metrics.append(chunk)
+            if checkpoints is not None and end < steps_per_epoch:
+                save_checkpoint()
+        offset = 0
+        train = _mean_metrics(_stack_metrics(epoch_metrics))
+        epoch_metrics = []
         history.append(
             epoch=epoch,
             epoch_time=time.perf_counter() - started,
@@ -470,12 +606,21 @@ def fit(
             history.append(**{f"val_{k}": v for k, v in val.items()})
             if val["loss"] < best[0]:
                 best = (val["loss"], jax.device_get(state.params), epoch)
-            elif patience is not None and epoch - best[2] >= patience:
-                break
+            else:
+                stopped = patience is not None and epoch - best[2] >= patience
+        due = _divides(checkpoint_every_epochs, epoch + 1) or _divides(
+            checkpoint_every, int(state.step)
+        )
+        if checkpoints is not None and (due or stopped):
+            save_checkpoint()
         if not quiet:
             bar.set_postfix(
                 {k: f"{v[-1]:.4f}" for k, v in history.items() if k.startswith(("train_", "val_"))}
             )
+        if stopped:
+            break
+    if checkpoints is not None:
+        save_checkpoint()
     if patience is not None and best[1] is not None:
         state = state._replace(params=jax.device_put(best[1]))
         history["best_epoch"] = best[2]
@@ -486,55 +631,150 @@ def fit(
     return state, history
 
 
-_PROGRAMS: dict = {}
-_MAX_PROGRAMS = 32
+def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
+    return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def _training_program(model: Model, settings: tuple, batch_size, drop_remainder, fused):
-    """The jitted step (or fused epoch) `fit` runs, reused when the same model
-    object is fitted again with the same settings, so that fit does not compile
-    twice. A float learning rate lives in the optimizer state, not the program."""
+def _divides(every: int | None, n: int) -> bool:
+    return every is not None and n % every == 0
+
+
+def _position(step: int, steps_per_epoch: int) -> dict:
+    """Where in the data step `step` is: `{"epoch", "step_in_epoch"}`."""
+    return dict(zip(("epoch", "step_in_epoch"), divmod(step, steps_per_epoch)))
+
+
+def _step_ranges(epoch: int, begin: int, steps_per_epoch: int, every: int | None):
+    """`(begin, end)` step ranges covering an epoch from `begin`, cut where the
+    global step is a multiple of `every` (checkpoints go there)."""
+    while begin < steps_per_epoch:
+        end = steps_per_epoch
+        if every:
+            end = min(end, begin + every - (epoch * steps_per_epoch + begin) % every)
+        yield begin, end
+        begin = end
+
+
+_COMPILED: dict = {}
+_MAX_COMPILED = 32
+
+
+def _compiled_steps(model: Model, settings: tuple, *, batch_size, drop_remainder, fused):
+    """The jitted programs `fit` runs: `(run_epoch, run_scan)` when fused, else
+    `(step, None)`. Reused when the same model object is fitted again with the
+    same settings, so a second `fit` does not compile again (a float learning
+    rate lives in the optimizer state, not in the program)."""
     loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs = settings
-    lr_key = learning_rate if callable(learning_rate) else None
-    kwargs_key = tuple(sorted((optimizer_kwargs or {}).items()))
-    key = (model.init, model.apply, loss, task, optimizer, lr_key, clip_norm, kwargs_key)
-    key += (batch_size, drop_remainder, fused)
+    key = (
+        model.init,
+        model.apply,
+        loss,
+        task,
+        optimizer,
+        learning_rate if callable(learning_rate) else None,
+        clip_norm,
+        tuple(sorted((optimizer_kwargs or {}).items())),
+        batch_size,
+        drop_remainder,
+        fused,
+    )
     try:
-        program = _PROGRAMS.get(key)
-    except TypeError:  # an unhashable setting: build afresh
-        key, program = None, None
-    if program is None:
+        programs = _COMPILED.get(key)
+    except TypeError:  # an unhashable setting: build afresh, uncached
+        key, programs = None, None
+    if programs is None:
         tx = make_optimizer(
             optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
         )
         train_step = make_train_step(model, make_objective(model, loss, task), tx)
         if fused:
-            train_step = make_epoch(
-                train_step, batch_size=batch_size, drop_remainder=drop_remainder
+            epoch = make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
+            programs = (
+                jax.jit(epoch, donate_argnums=0),
+                jax.jit(make_steps(train_step), donate_argnums=0),
             )
-        program = jax.jit(train_step, donate_argnums=0)
+        else:
+            programs = (jax.jit(train_step, donate_argnums=0), None)
         if key is not None:
-            if len(_PROGRAMS) >= _MAX_PROGRAMS:
-                _PROGRAMS.pop(next(iter(_PROGRAMS)))
-            _PROGRAMS[key] = program
-    return program
+            if len(_COMPILED) >= _MAX_COMPILED:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = programs
+    return programs
 
 
-def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
-    return n // batch_size if drop_remainder else -(-n // batch_size)
+def _step_runner(programs, x, y, *, seed, batch_size, drop_remainder, fused):
+    """`run(state, epoch, begin, end) -> (state, metrics)`: steps `begin..end-1` of an
+    epoch, as jitted steps fed from the host or as one scan over on-device data.
+
+    The batches are a pure function of `(seed, epoch)`: epoch key
+    `fold_in(fold_in(key(seed), 1), epoch)` shuffles with `epoch_indices`.
+    """
+    shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
+    steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
+    if fused:
+        run_epoch, run_scan = programs
+        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+    else:
+        step, _ = programs
+
+    @functools.lru_cache(maxsize=1)
+    def batches(epoch):
+        key = jax.random.fold_in(shuffle_key, epoch)
+        index_SxB, mask_SxB = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
+        return (index_SxB, mask_SxB) if fused else jax.device_get((index_SxB, mask_SxB))
+
+    def run(state, epoch, begin, end):
+        if fused and (begin, end) == (0, steps_per_epoch):
+            return run_epoch(state, x_dev, y_dev, jax.random.fold_in(shuffle_key, epoch))
+        index_SxB, mask_SxB = (a[begin:end] for a in batches(epoch))
+        if fused:
+            return run_scan(state, x_dev, y_dev, index_SxB, mask_SxB)
+        return _host_steps(step, state, x, y, index_SxB, mask_SxB)
+
+    return run
 
 
-def _host_epoch(step, state, x, y, key, batch_size, drop_remainder):
-    """One epoch of jitted steps fed from host arrays; the same batches as `make_epoch`."""
-    if x.shape[0] == batch_size:  # full batch, as make_epoch: no shuffle
-        state, m = step(state, {"x": x, "y": y, "mask": np.ones(batch_size, np.float32)})
-        return state, jax.tree.map(lambda v: v[None], m)
-    index_SxB, mask_SxB = jax.device_get(epoch_indices(key, x.shape[0], batch_size, drop_remainder))
+def _host_steps(step, state, x, y, index_SxB, mask_SxB):
+    """Jitted steps fed from host arrays; the same batches as `make_steps`."""
     per_step = []
     for index_B, mask_B in zip(index_SxB, mask_SxB):
         state, m = step(state, {"x": x[index_B], "y": y[index_B], "mask": mask_B})
         per_step.append(m)
     return state, jax.tree.map(lambda *v: jnp.stack(v), *per_step)
+
+
+def _stack_metrics(chunks) -> dict:
+    """The per-step metrics of consecutive step ranges, joined: `{name: [steps]}`."""
+    if not chunks:
+        return {}
+    return {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in chunks[0]}
+
+
+def _check_finite_loss(chunk, first_step: int, epoch: int, checkpoints) -> None:
+    """Raises `TrainingError` naming the first step whose loss is NaN or inf."""
+    loss = np.asarray(chunk["loss"])
+    bad = np.flatnonzero(~np.isfinite(loss))
+    if bad.size:
+        where = (
+            checkpoints.describe_latest()
+            if checkpoints is not None
+            else "no checkpoint_dir was set"
+        )
+        raise TrainingError(
+            f"loss became {loss[bad[0]]} in step {first_step + bad[0] + 1} (epoch {epoch}); "
+            f"{where}; lower the learning rate or set clip_norm"
+        )
+
+
+def _progress_from_meta(restored):
+    """`(history, best, epoch_metrics, stopped)` of a run, from its checkpoint."""
+    meta = restored.meta
+    best = (math.inf, None, -1)
+    if meta.get("best"):
+        best = (meta["best"]["loss"], restored.best_params, meta["best"]["epoch"])
+    partial = meta.get("epoch_metrics") or {}
+    epoch_metrics = [{k: np.asarray(v, np.float32) for k, v in partial.items()}] if partial else []
+    return History(meta.get("history", {})), best, epoch_metrics, bool(meta.get("stopped"))
 
 
 def _progress(epochs, quiet):

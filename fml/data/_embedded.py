@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from fml.errors import ConfigError, DataError, DTypeError, ShapeError, unknown
+from fml.errors import ConfigError, DataError, DTypeError, ShapeError, in_range, unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +104,13 @@ def load_embedded(
     name: str, *, validation: float = 0.0, standardize: bool | None = None, seed: int = 0
 ) -> Dataset:
     """Loads an embedded data set (see `EMBEDDED`); see `fml.data.load`."""
-    if name not in EMBEDDED:
+    if not isinstance(name, str) or name not in EMBEDDED:
         raise unknown("data set", name, EMBEDDED)
-    if not 0.0 <= validation < 1.0:
-        raise ConfigError(f"expected validation fraction in [0, 1), got {validation}")
+    validation = in_range(validation, "validation fraction", 0.0, 1.0)
+    if standardize not in (None, True, False):
+        raise ConfigError(f"expected standardize to be True, False or None, got {standardize!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"expected seed to be an int >= 0, got {seed!r}")
     x_train, y_train, x_test, y_test, task, num_classes, info = EMBEDDED[name]()
     x_val = y_val = None
     if validation > 0:
@@ -130,6 +133,14 @@ def load_embedded(
     return Dataset(name, task, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, info)
 
 
+def as_array(value, name: str, where: str = "data") -> np.ndarray:
+    """`np.asarray(value)`, or `ShapeError` for ragged nesting and the like."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ShapeError(f"{where}: {name} is not a rectangular array: {e}") from e
+
+
 def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str = "data"):
     """Validates a supervised pair before it reaches XLA; returns them as numpy.
 
@@ -137,11 +148,13 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
     `ShapeError` for mismatched lengths or label shapes, `DTypeError` for
     non-float inputs or non-integer class labels.
     """
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = as_array(x, "x", where), as_array(y, "y", where)
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{where}: expected at least one example, got x of shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise DTypeError(f"{where}: expected floating-point x, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ShapeError(f"{where}: expected x of shape (N, features...), got {x.shape}")
     if y.shape[:1] != x.shape[:1]:
         raise ShapeError(
             f"{where}: expected y with {x.shape[0]} rows like x, got y of shape {y.shape}"
@@ -159,6 +172,10 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
             raise DataError(
                 f"{where}: expected labels in [0, {classes - 1}], got range [{y.min()}, {y.max()}]"
             )
+    elif not np.issubdtype(y.dtype, np.floating):
+        raise DTypeError(
+            f"{where}: expected floating-point regression targets, got dtype {y.dtype}"
+        )
     elif not np.isfinite(y).all():
         raise DataError(f"{where}: regression targets must be finite, found NaN/inf")
     return x, y

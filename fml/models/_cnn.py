@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from fml import layers
 from fml._model import Model
-from fml.errors import ConfigError, ShapeError, unknown
+from fml.errors import ConfigError, ShapeError, in_range, unknown
 from fml.models._common import check_float_input, positive_int
 
 
@@ -79,8 +79,8 @@ def _check_layer(layer: dict, index: int) -> None:
         layers.activation(layer["activation"])
     if kind == "conv":
         layers.explicit_padding(layer["padding"], 1)
-    if kind == "dropout" and not 0.0 <= layer["rate"] < 1.0:
-        raise ConfigError(f"layer {index}: expected dropout rate in [0, 1), got {layer['rate']}")
+    if kind == "dropout":
+        in_range(layer["rate"], f"dropout rate of layer {index}", 0.0, 1.0)
 
 
 def _apply_layer(layer: dict, params, x, *, key, train):
@@ -152,6 +152,10 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
         params, keys = {}, jax.random.split(key, len(specs))
         x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
         for layer, name, k in zip(specs, names, keys):
+            if min(x.shape[1:]) < 1:
+                raise ShapeError(
+                    f"cnn: input_shape {shape} is too small: layer {name} gets {x.shape[1:]}"
+                )
             p = _init_layer(layer, k, tuple(x.shape[1:]))
             if p is not None:
                 params[name] = p
@@ -161,7 +165,7 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
         return params
 
     def apply(params, x, *, key=None, train=False):
-        check_float_input(x, "cnn")
+        x = check_float_input(x, "cnn")
         first = next(n for n in names if n in params)
         w = params[first]["w"]
         if first.startswith("conv") and (x.ndim != w.ndim or x.shape[-1] != w.shape[-2]):

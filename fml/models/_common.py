@@ -3,14 +3,23 @@
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 from fml.errors import ConfigError, DTypeError, ShapeError
 
 
 def check_float_input(x, family: str):
-    """Raises `DTypeError` unless `x` is a floating-point array."""
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-        raise DTypeError(f"{family}: expected floating-point inputs, got dtype {x.dtype}")
+    """`x` as an array; raises `DTypeError` unless it is a floating-point one."""
+    if not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError) as e:
+            raise DTypeError(f"{family}: expected a floating-point array x, got {e}") from e
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise DTypeError(
+            f"{family}: expected floating-point inputs, got {type(x).__name__} of dtype {x.dtype}"
+        )
+    return jnp.asarray(x)
 
 
 def check_input_shape(x, expected: tuple, family: str):
@@ -24,7 +33,7 @@ def check_input_shape(x, expected: tuple, family: str):
 
 def flat_features(x, in_features: int, family: str):
     """Flattens `[B, ...]` to `[B, in_features]`, checking the feature count."""
-    check_float_input(x, family)
+    x = check_float_input(x, family)
     if x.ndim < 2 or math.prod(x.shape[1:]) != in_features:
         raise ShapeError(
             f"{family}: expected x of shape (B, {in_features}) (or (B, ...) with "

@@ -6,7 +6,7 @@ import jax
 
 from fml import layers
 from fml._model import Model
-from fml.errors import ConfigError
+from fml.errors import ConfigError, in_range
 from fml.models._common import flat_features, input_size, positive_int
 
 
@@ -25,12 +25,13 @@ def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0
       >>> model.apply(params, jax.numpy.ones((2, 784))).shape
       (2, 10)
     """
+    if isinstance(widths, str) or not hasattr(widths, "__iter__"):
+        raise ConfigError(f"expected widths to be a list of positive ints, got {widths!r}")
     widths = [positive_int(w, "every width") for w in widths]
     if not widths:
         raise ConfigError("mlp needs at least one width (the output layer)")
     act = layers.activation(activation)
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"expected dropout rate in [0, 1), got {dropout}")
+    dropout = in_range(dropout, "dropout rate", 0.0, 1.0)
     spec = {"family": "mlp", "widths": widths, "activation": activation, "dropout": float(dropout)}
     names = [f"dense_{i}" for i in range(len(widths))]
 

@@ -95,7 +95,7 @@ def rnn(
 
     def apply(params, x_BxTxD, *, key=None, train=False, lengths=None):
         del key, train
-        check_float_input(x_BxTxD, "rnn")
+        x_BxTxD = check_float_input(x_BxTxD, "rnn")
         features = params["l0"]["weight_ih"].shape[1]
         if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != features:
             raise ShapeError(f"rnn: expected x of shape (B, T, {features}), got {x_BxTxD.shape}")

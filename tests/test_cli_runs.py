@@ -1,0 +1,86 @@
+"""`fml train` writes the run-directory layout; `fml eval` reproduces its test metrics."""
+
+import csv
+import json
+
+import pytest
+
+from fml import cli, rundir
+
+LAYOUT = {"config.json", "spec.json", "params.npz", "history.json", "history.csv", "curves.png"}
+
+
+def _train(tmp_path, *args):
+    out = tmp_path / "run"
+    assert cli.main(["train", *args, "--out", str(out)]) == 0
+    return out
+
+
+def _eval(capsys, *args):
+    capsys.readouterr()
+    code = cli.main(["eval", *map(str, args)])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["logistic_regression", "--dataset", "breast_cancer", "--epochs", "3"],
+        ["cnn", "--dataset", "digits", "--epochs", "1", "--optimizer", "momentum", "--lr", "0.01"],
+        ["rnn", "--dataset", "mnist1d", "--cell", "lstm", "--epochs", "1", "--seed", "3"],
+    ],
+    ids=["logistic", "cnn", "lstm"],
+)
+def test_train_writes_layout_and_eval_reproduces_it(args, tmp_path, capsys):
+    run = _train(tmp_path, *args)
+    assert {p.name for p in run.iterdir()} == LAYOUT
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run / "config.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    epochs = int(args[args.index("--epochs") + 1])
+    assert config["family"] == args[0] and config["epochs"] == epochs
+    assert len(history["train_loss"]) == len(history["val_loss"]) == epochs
+    with open(run / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == epochs
+    model, _, _ = rundir.load_run(run)
+    assert model.spec["family"] == args[0]
+    if "--cell" in args:
+        assert model.spec["cell"] == "lstm" and config["seed"] == 3
+    code, out = _eval(capsys, run)
+    assert code == 0
+    assert json.loads(out.out) == history["test"]  # exactly, not approximately
+
+
+def test_train_overrides_reach_the_config(tmp_path):
+    run = _train(
+        tmp_path, "mlp", "--dataset", "iris", "--epochs", "2", "--batch-size", "16",
+        "--optimizer", "adamw", "--lr", "0.003", "--weight-decay", "0.01", "--validation", "0.2",
+    )  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert (config["batch_size"], config["optimizer"], config["learning_rate"]) == (
+        16,
+        "adamw",
+        0.003,
+    )
+    assert config["weight_decay"] == 0.01 and config["validation"] == 0.2
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["val_accuracy"]) == 2
+
+
+def test_unavailable_dataset_falls_back_and_says_so(tmp_path, capsys):
+    run = _train(tmp_path, "mlp", "--dataset", "mnist", "--epochs", "1")
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset_requested"] == "mnist"
+    if config["dataset"] != "mnist":
+        assert config["dataset"] == "digits"
+        assert "using embedded 'digits' instead" in capsys.readouterr().out
+
+
+def test_eval_errors_are_clear(tmp_path, capsys):
+    code, out = _eval(capsys, tmp_path / "missing")
+    assert code == 2 and "does not exist" in out.err
+    run = _train(tmp_path, "logistic_regression", "--dataset", "iris", "--epochs", "1")
+    code, out = _eval(capsys, run, "--dataset", "wine")
+    assert code == 2 and "expects inputs of shape (4,)" in out.err
+    assert cli.main(["train", "svm", "--dataset", "no_such_set"]) == 2
+    assert "unknown data set 'no_such_set'" in capsys.readouterr().err

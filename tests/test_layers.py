@@ -1,0 +1,142 @@
+"""Primitive layers against independent references: numpy and torch.nn.functional."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fml import layers
+from fml.errors import ConfigError, UnknownNameError
+
+RNG = np.random.default_rng(0)
+
+
+def _torch(x_channels_last):
+    """NWC/NHWC numpy -> NCW/NCHW torch."""
+    x = torch.tensor(np.asarray(x_channels_last))
+    return x.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+
+
+def _channels_last(t):
+    return t.permute(0, *range(2, t.ndim), 1).detach().numpy()
+
+
+def test_dense_matches_numpy():
+    params = layers.dense_init(jax.random.key(0), 5, 3)
+    x = RNG.normal(size=(4, 5)).astype(np.float32)
+    want = x @ np.asarray(params["w"]) + np.asarray(params["b"])
+    np.testing.assert_allclose(layers.dense(params, x), want, atol=1e-6)
+
+
+CONV_CASES = [
+    # (spatial, kernel, stride, padding, torch padding or None for "same as fml")
+    ((12,), (3,), 1, "VALID", 0),
+    ((12,), (5,), 1, "SAME", 2),
+    ((13,), (3,), 2, 1, 1),
+    ((9, 9), (3, 3), 1, "VALID", 0),
+    ((9, 9), (3, 3), 1, 1, 1),
+    ((8, 8), (3, 3), 1, "SAME", 1),
+]
+
+
+@pytest.mark.parametrize("spatial,kernel,stride,padding,torch_padding", CONV_CASES)
+def test_conv_matches_torch(spatial, kernel, stride, padding, torch_padding):
+    params = layers.conv_init(jax.random.key(1), 3, 4, kernel)
+    params["b"] = jnp.asarray(RNG.normal(size=4), jnp.float32)
+    x = RNG.normal(size=(2, *spatial, 3)).astype(np.float32)
+    got = layers.conv(params, x, stride=stride, padding=padding)
+    w = torch.tensor(np.asarray(params["w"]))
+    w = w.permute(w.ndim - 1, w.ndim - 2, *range(w.ndim - 2))  # [*k, in, out] -> [out, in, *k]
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    want = conv(_torch(x), w, torch.tensor(np.asarray(params["b"])), stride, torch_padding)
+    np.testing.assert_allclose(got, _channels_last(want), atol=1e-5)
+
+
+def test_strided_same_pads_high_like_jax():
+    """JAX's SAME pads (0, 1) for an even input, stride 2, kernel 3 — torch's padding=1
+    would pad (1, 1); fml follows JAX, so the reference pads explicitly."""
+    params = layers.conv_init(jax.random.key(2), 2, 3, (3, 3))
+    x = RNG.normal(size=(1, 8, 8, 2)).astype(np.float32)
+    got = layers.conv(params, x, stride=2, padding="SAME")
+    w = torch.tensor(np.asarray(params["w"])).permute(3, 2, 0, 1)
+    padded = F.pad(_torch(x), (0, 1, 0, 1))
+    want = F.conv2d(padded, w, torch.tensor(np.asarray(params["b"])), 2)
+    np.testing.assert_allclose(got, _channels_last(want), atol=1e-5)
+    assert got.shape == (1, 4, 4, 3)
+
+
+@pytest.mark.parametrize("window,stride", [(2, None), (3, 2), (2, 1)])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_max_and_avg_pool_match_torch(window, stride, dims):
+    x = RNG.normal(size=(2, *(11,) * dims, 3)).astype(np.float32)
+    ref_stride = stride or window
+    for fml_pool, torch_pool in [
+        (layers.max_pool, F.max_pool1d if dims == 1 else F.max_pool2d),
+        (layers.avg_pool, F.avg_pool1d if dims == 1 else F.avg_pool2d),
+    ]:
+        got = fml_pool(x, window, stride)
+        want = torch_pool(_torch(x), window, ref_stride)
+        np.testing.assert_allclose(got, _channels_last(want), atol=1e-6)
+
+
+def test_same_pooling_ignores_padding():
+    x = np.arange(5, dtype=np.float32).reshape(1, 5, 1)
+    np.testing.assert_allclose(layers.avg_pool(x, 2, padding="SAME")[0, :, 0], [0.5, 2.5, 4.0])
+    np.testing.assert_allclose(layers.max_pool(-x, 2, padding="SAME")[0, :, 0], [0.0, -2.0, -4.0])
+
+
+def test_max_pool_gradient_matches_torch():
+    x = RNG.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2) ** 2))(x)
+    xt = _torch(x).clone().requires_grad_(True)
+    (F.max_pool2d(xt, 2) ** 2).sum().backward()
+    np.testing.assert_allclose(grad, _channels_last(xt.grad), atol=1e-5)
+
+
+def test_dropout_rate_is_drop_probability():
+    x = jnp.ones((200_000,))
+    y = layers.dropout(x, 0.3, key=jax.random.key(0), train=True)
+    dropped = float(jnp.mean(y == 0))
+    assert abs(dropped - 0.3) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01  # inverted dropout keeps the expectation
+    np.testing.assert_array_equal(layers.dropout(x, 0.3, train=False), x)
+
+
+def test_dropout_needs_key_and_valid_rate():
+    with pytest.raises(ConfigError, match="PRNG"):
+        layers.dropout(jnp.ones(3), 0.5, train=True)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        layers.dropout(jnp.ones(3), 1.0, key=jax.random.key(0), train=True)
+
+
+def test_layer_norm_matches_torch():
+    x = RNG.normal(size=(4, 7)).astype(np.float32)
+    params = {
+        "scale": jnp.asarray(RNG.normal(size=7), jnp.float32),
+        "bias": jnp.asarray(RNG.normal(size=7), jnp.float32),
+    }
+    want = F.layer_norm(
+        torch.from_numpy(x),
+        (7,),
+        torch.tensor(np.asarray(params["scale"])),
+        torch.tensor(np.asarray(params["bias"])),
+    )
+    np.testing.assert_allclose(layers.layer_norm(params, x), want.numpy(), atol=1e-5)
+
+
+def test_activations_match_numpy_and_reject_unknown():
+    x = np.linspace(-3, 3, 13).astype(np.float32)
+    np.testing.assert_allclose(layers.activation("relu")(x), np.maximum(x, 0))
+    np.testing.assert_allclose(layers.activation("sigmoid")(x), 1 / (1 + np.exp(-x)), rtol=1e-6)
+    np.testing.assert_allclose(layers.activation(None)(x), x)
+    with pytest.raises(UnknownNameError, match="'relux'.*expected one of"):
+        layers.activation("relux")
+
+
+def test_unknown_padding_and_cell():
+    with pytest.raises(ConfigError, match="padding"):
+        layers.explicit_padding("FULL", 2)
+    with pytest.raises(UnknownNameError, match="rnn cell"):
+        layers.get_cell("transformer")
