@@ -11,9 +11,8 @@ from fml.bench import _jax_peers, _workloads
 from fml.errors import UnknownNameError
 
 
-@pytest.mark.parametrize("name", ["mlp", "lstm"])
-def test_fml_step_matches_pure_jax(name):
-    workload = _workloads.shrink(_workloads.WORKLOADS[name])
+def test_fml_mlp_step_matches_pure_jax():
+    workload = _workloads.shrink(_workloads.WORKLOADS["mlp"])
     x, y = _workloads.synthetic_data(workload)
     fml_loss, ref_loss, param_diff = _jax_peers.first_step_agreement(workload, x, y)
     # Untrained 10-class net on random labels: loss near log(10).
@@ -23,7 +22,7 @@ def test_fml_step_matches_pure_jax(name):
 
 
 def test_quick_run_structure():
-    frameworks = ("fml per-step", "fml fused epoch", "pure JAX fused epoch", "PyTorch eager")
+    frameworks = ("fml per-step", "fml fused epoch", "PyTorch eager")
     results = bench.run(
         quick=True,
         workloads=("mlp",),
@@ -40,7 +39,7 @@ def test_quick_run_structure():
     assert results["matmul_peak_gflops"] > 0.1
     markdown = results["markdown"]
     assert "| mlp | fml fused epoch |" in markdown and "Goals:" in markdown
-    assert "mlp: fml" in markdown and "pure JAX fused epoch" in markdown
+    assert "- mlp: fml" in markdown and "PyTorch eager = " in markdown
 
 
 def test_bench_is_a_cli_command_and_checks_names():
