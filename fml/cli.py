@@ -23,8 +23,16 @@ def _run_main(args):
     report.main_job(out=args.out, quick=args.quick)
 
 
+def _add_bench(subparsers):
+    from fml import bench
+
+    p = subparsers.add_parser("bench", help="benchmark fml against JAX, Flax, PyTorch, Keras")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
+
+
 # Each entry adds one subcommand's parser; its `run(args)` does the work.
-COMMANDS = [_add_main, *_cli_runs.COMMANDS, add_sweep_command, add_export]
+COMMANDS = [_add_main, *_cli_runs.COMMANDS, add_sweep_command, add_export, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

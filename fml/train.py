@@ -201,11 +201,17 @@ def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
 
     Shuffles the on-device arrays with `key`, then `lax.scan`s `train_step` over
     the batches; per-step metrics come back stacked `[steps]`. The same batches,
-    in the same order, as `batches(...)` on the host.
+    in the same order, as `batches(...)` on the host. A full batch (`batch_size`
+    equal to the number of examples, as for lbfgs) is used as it is, unshuffled:
+    the order does not matter to a sum and the gather would cost a copy of `x`.
     """
     steps = make_steps(train_step)
 
     def epoch(state, x, y, key):
+        if x.shape[0] == batch_size:
+            mask_B = jnp.ones((batch_size,), jnp.float32)
+            state, metrics = train_step(state, {"x": x, "y": y, "mask": mask_B})
+            return state, jax.tree.map(lambda m: m[None], metrics)
         return steps(state, x, y, *epoch_indices(key, x.shape[0], batch_size, drop_remainder))
 
     return epoch
@@ -243,9 +249,10 @@ def init_state(
     params = model.init(init_key, tuple(input_shape))
     return TrainState(
         params=params,
-        # Copied leaf by leaf: some optimizers (lbfgs) alias one buffer twice in
-        # their initial state, which donation would reject.
-        opt_state=jax.tree.map(jnp.copy, optimizer.init(params)),
+        # Copied leaf by leaf and strongly typed: optax's lbfgs aliases one buffer
+        # twice in its initial state (donation rejects that) and starts with
+        # weak-typed scalars its update returns strong (the 2nd step recompiled).
+        opt_state=jax.tree.map(lambda v: jnp.array(v, dtype=v.dtype), optimizer.init(params)),
         step=jnp.zeros((), jnp.int32),
         key=run_key,
         hparams={"l2": jnp.asarray(l2, jnp.float32)},
@@ -607,9 +614,17 @@ def fit(
             "fit(parallel=...) feeds on-host arrays; a BatchStream under data parallelism is "
             "not supported yet: pass arrays, or drive the stream with fml.parallel yourself"
         )
-    runner = dp.step_runner if dp else functools.partial(_step_runner, stream=stream)
+    if dp:
+        runner = functools.partial(
+            dp.step_runner, make_train_step(model, objective, tx, axis_name="data")
+        )
+    else:
+        settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
+        programs = _compiled_steps(
+            model, settings, batch_size=batch_size, drop_remainder=drop_remainder, fused=fused
+        )
+        runner = functools.partial(_step_runner, programs, stream=stream)
     run_steps = runner(
-        make_train_step(model, objective, tx, axis_name="data" if dp else None),
         x,
         y,
         seed=seed,
@@ -694,7 +709,54 @@ def _step_ranges(epoch: int, begin: int, steps_per_epoch: int, every: int | None
         begin = end
 
 
-def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, stream=None):
+_COMPILED: dict = {}
+_MAX_COMPILED = 32
+
+
+def _compiled_steps(model: Model, settings: tuple, *, batch_size, drop_remainder, fused):
+    """The jitted programs `fit` runs: `(run_epoch, run_scan)` when fused, else
+    `(step, None)`. Reused when the same model object is fitted again with the
+    same settings, so a second `fit` does not compile again (a float learning
+    rate lives in the optimizer state, not in the program)."""
+    loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs = settings
+    key = (
+        model.init,
+        model.apply,
+        loss,
+        task,
+        optimizer,
+        learning_rate if callable(learning_rate) else None,
+        clip_norm,
+        tuple(sorted((optimizer_kwargs or {}).items())),
+        batch_size,
+        drop_remainder,
+        fused,
+    )
+    try:
+        programs = _COMPILED.get(key)
+    except TypeError:  # an unhashable setting: build afresh, uncached
+        key, programs = None, None
+    if programs is None:
+        tx = make_optimizer(
+            optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
+        )
+        train_step = make_train_step(model, make_objective(model, loss, task), tx)
+        if fused:
+            epoch = make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
+            programs = (
+                jax.jit(epoch, donate_argnums=0),
+                jax.jit(make_steps(train_step), donate_argnums=0),
+            )
+        else:
+            programs = (jax.jit(train_step, donate_argnums=0), None)
+        if key is not None:
+            if len(_COMPILED) >= _MAX_COMPILED:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = programs
+    return programs
+
+
+def _step_runner(programs, x, y, *, seed, batch_size, drop_remainder, fused, stream=None):
     """`run(state, epoch, begin, end) -> (state, metrics)`: steps `begin..end-1` of an
     epoch, as one scan over on-device data (`fused`) or as jitted steps fed by a
     `BatchStream` (over `x, y` unless `stream` is given).
@@ -703,7 +765,7 @@ def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, s
     `fold_in(fold_in(key(seed), 1), epoch)` shuffles with `epoch_indices`.
     """
     if not fused:
-        step = jax.jit(train_step, donate_argnums=0)
+        step, _ = programs
         stream = stream or data_lib.BatchStream(
             data_lib.ArraySource(x, y),
             batch_size=batch_size,
@@ -718,11 +780,7 @@ def _step_runner(train_step, x, y, *, seed, batch_size, drop_remainder, fused, s
 
     shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
     steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
-    run_epoch = jax.jit(
-        make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder),
-        donate_argnums=0,
-    )
-    run_scan = jax.jit(make_steps(train_step), donate_argnums=0)
+    run_epoch, run_scan = programs
     x_dev, y_dev = jax.device_put(x), jax.device_put(y)
 
     @functools.lru_cache(maxsize=1)

@@ -1,0 +1,49 @@
+"""The benchmark's smoke test: structure of a quick run, and fml's timed step
+computing what the hand-written pure-JAX reference computes."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from fml import bench, cli
+from fml.bench import _jax_peers, _workloads
+from fml.errors import UnknownNameError
+
+
+def test_fml_mlp_step_matches_pure_jax():
+    workload = _workloads.shrink(_workloads.WORKLOADS["mlp"])
+    x, y = _workloads.synthetic_data(workload)
+    fml_loss, ref_loss, param_diff = _jax_peers.first_step_agreement(workload, x, y)
+    # Untrained 10-class net on random labels: loss near log(10).
+    assert abs(fml_loss - np.log(10)) < 0.5
+    np.testing.assert_allclose(fml_loss, ref_loss, rtol=1e-5)
+    assert param_diff < 1e-6  # the same Adam update
+
+
+def test_quick_run_structure():
+    frameworks = ("fml per-step", "fml fused epoch", "PyTorch eager")
+    results = bench.run(
+        quick=True,
+        workloads=("mlp",),
+        frameworks=frameworks,
+        repeats=5,
+        sections=("throughput",),
+        log=lambda *_: None,
+    )
+    rows = results["throughput"]
+    assert [r["framework"] for r in rows] == list(frameworks)
+    for r in rows:
+        assert len(r["seconds"]) == 5 and all(s > 0 for s in r["seconds"])
+        assert r["samples"] == 2 * 128 and r["samples_per_s"] > 0
+    assert results["matmul_peak_gflops"] > 0.1
+    markdown = results["markdown"]
+    assert "| mlp | fml fused epoch |" in markdown and "Goals:" in markdown
+    assert "- mlp: fml" in markdown and "PyTorch eager = " in markdown
+
+
+def test_bench_is_a_cli_command_and_checks_names():
+    args = cli.build_parser().parse_args(["bench", "--models", "resnet"])
+    with pytest.raises(UnknownNameError, match="resnet"):
+        args.run(args)
+    assert isinstance(args, argparse.Namespace) and args.quick is False
