@@ -23,6 +23,11 @@ def add_train(subparsers):
     p.add_argument("--cell", choices=("gru", "lstm", "simple"), help="rnn cell (default gru)")
     p.add_argument("--validation", type=float, help="held-out fraction of train (default 0.1)")
     p.add_argument("--out", help="run directory (default runs/FAMILY-DATASET-seedN)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run checkpointed in --out (a killed run, or more --epochs)",
+    )
     p.set_defaults(run=_run_train)
 
 
@@ -43,7 +48,7 @@ def _run_train(args):
     )
     out = args.out or f"runs/{args.family}-{args.dataset}-seed{args.seed}"
     print(f"training {args.family} on {args.dataset}, device {experiment.device_description()}")
-    result = experiment.train_and_evaluate(config, out)
+    result = experiment.train_and_evaluate(config, out, checkpoint=True, resume=args.resume)
     print(f"test: {json.dumps(result.test)}  ({result.seconds:.1f} s)")
     print(f"run directory: {result.run_dir} (learning curves: {result.run_dir / 'curves.png'})")
 

@@ -145,13 +145,18 @@ def build_model(config: dict, dataset):
     return recipe.build(dataset.input_shape, outputs)
 
 
-def train_and_evaluate(config: dict, workdir, *, log=print) -> RunResult:
+def train_and_evaluate(
+    config: dict, workdir, *, log=print, checkpoint: bool = False, resume: bool = False
+) -> RunResult:
     """Trains the model `config` describes and writes its run directory.
 
     Args:
       config: from `make_config`.
       workdir: the run directory (created; existing files are replaced atomically).
       log: where progress lines go (`print`, or `lambda *_: None` for silence).
+      checkpoint: save the whole run state every epoch into `workdir/checkpoints`.
+      resume: continue the run checkpointed in `workdir` up to `config["epochs"]`
+        (implies `checkpoint`).
 
     Returns:
       a `RunResult`.
@@ -180,6 +185,8 @@ def train_and_evaluate(config: dict, workdir, *, log=print) -> RunResult:
         fused=True,
         quiet=True,
         optimizer_kwargs=optimizer_kwargs,
+        checkpoint_dir=pathlib.Path(workdir) if checkpoint or resume else None,
+        resume=resume,
     )
     seconds = time.perf_counter() - started
     config["train_seconds"] = seconds

@@ -96,3 +96,23 @@ def test_eval_errors_are_clear(tmp_path, capsys):
     assert code == 2 and "expects inputs of shape (4,)" in out.err
     assert cli.main(["train", "svm", "--dataset", "no_such_set"]) == 2
     assert "unknown data set 'no_such_set'" in capsys.readouterr().err
+
+
+def test_train_resume_continues_to_the_uninterrupted_params(tmp_path):
+    """`fml train` checkpoints every epoch; `--resume` with more epochs ends where one
+    uninterrupted run of that many epochs ends, bit for bit."""
+    import numpy as np
+
+    from fml.cli import main
+
+    common = ["train", "logistic_regression", "--dataset", "iris", "--lr", "0.05"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    assert main([*common, "--epochs", "2", "--out", str(resumed)]) == 0
+    assert main([*common, "--epochs", "5", "--out", str(resumed), "--resume"]) == 0
+    assert main([*common, "--epochs", "5", "--out", str(straight)]) == 0
+    with np.load(resumed / "params.npz") as a, np.load(straight / "params.npz") as b:
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+    history = json.loads((resumed / "history.json").read_text())
+    assert history["epoch"] == [0, 1, 2, 3, 4]
