@@ -345,12 +345,6 @@ def _task(objective: Objective) -> str:
     return "classification" if objective.classify else "regression"
 
 
-def num_outputs(model: Model, params) -> int:
-    """Width of the model's output layer, read off its params."""
-    last = list(params.values())[-1]
-    return int(last["w"].shape[-1])
-
-
 def _batch_shape(dims) -> str:
     return str(("N", *dims)).replace("'", "")
 
