@@ -45,7 +45,7 @@ def _eval(capsys, *args):
 )
 def test_train_writes_layout_and_eval_reproduces_it(args, tmp_path, capsys):
     run = _train(tmp_path, *args)
-    assert {p.name for p in run.iterdir()} == LAYOUT
+    assert {p.name for p in run.iterdir()} == LAYOUT | {"checkpoints"}  # `fml train` checkpoints
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run / "config.json").read_text())
     history = json.loads((run / "history.json").read_text())
