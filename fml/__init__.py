@@ -12,11 +12,14 @@ Example:
 
 from fml import data, errors, layers, losses, metrics, models, parallel, train
 from fml._model import Model
+from fml._runtime import apply_process_settings
 from fml.errors import FmlError
 from fml.sweep import sweep
 from fml.train import TrainState, evaluate, fit, predict
 
 __version__ = "0.1.0"
+
+apply_process_settings()  # before any XLA program runs: see fml/_runtime.py
 
 
 def __getattr__(name):
