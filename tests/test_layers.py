@@ -54,6 +54,31 @@ def test_conv_matches_torch(spatial, kernel, stride, padding, torch_padding):
     np.testing.assert_allclose(got, _channels_last(want), atol=1e-5)
 
 
+@pytest.mark.parametrize("in_channels", [1, 8])  # both weight-gradient paths
+@pytest.mark.parametrize("spatial,kernel,stride,padding,torch_padding", CONV_CASES)
+def test_conv_gradients_match_torch(in_channels, spatial, kernel, stride, padding, torch_padding):
+    params = layers.conv_init(jax.random.key(1), in_channels, 4, kernel)
+    x = RNG.normal(size=(2, *spatial, in_channels)).astype(np.float32)
+    out = layers.conv(params, x, stride=stride, padding=padding)
+    cotangent = RNG.normal(size=out.shape).astype(np.float32)
+
+    def loss(params, x):
+        return jnp.sum(layers.conv(params, x, stride=stride, padding=padding) * cotangent)
+
+    grads, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    w = torch.tensor(np.asarray(params["w"]))
+    w = w.permute(w.ndim - 1, w.ndim - 2, *range(w.ndim - 2)).requires_grad_()
+    b = torch.tensor(np.asarray(params["b"]), requires_grad=True)
+    x_t = _torch(x).requires_grad_()
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    want = conv(x_t, w, b, stride, torch_padding)
+    want.backward(_torch(cotangent))
+    grad_w = w.grad.permute(*range(2, w.ndim), 1, 0).numpy()  # back to [*k, in, out]
+    np.testing.assert_allclose(grads["w"], grad_w, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(grads["b"], b.grad.numpy(), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad_x, _channels_last(x_t.grad), atol=2e-5, rtol=1e-5)
+
+
 def test_strided_same_pads_high_like_jax():
     """JAX's SAME pads (0, 1) for an even input, stride 2, kernel 3 — torch's padding=1
     would pad (1, 1); fml follows JAX, so the reference pads explicitly."""
