@@ -111,3 +111,57 @@ def test_lbfgs_resumed_from_checkpoints_equals_one_run(tmp_path):
         resumed.params,
         whole.params,
     )
+
+
+def _numpy_ridge(x, y, l2):
+    """Independent reference: numpy lstsq on the float64 design with an unpenalised
+    intercept column and `sqrt(l2) I` rows appended for the ridge."""
+    x = x.astype(np.float64).reshape(len(x), -1)
+    d = x.shape[1]
+    design = np.c_[x, np.ones(len(x))]
+    targets = y.astype(np.float64).reshape(len(y), -1)
+    if l2 > 0:
+        design = np.r_[design, np.c_[np.sqrt(l2) * np.eye(d), np.zeros(d)]]
+        targets = np.r_[targets, np.zeros((d, targets.shape[1]))]
+    coef = np.linalg.lstsq(design, targets, rcond=None)[0]
+    return coef[:-1], coef[-1]
+
+
+@pytest.mark.parametrize("l2", [0.0, 3.0])
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_least_squares_equals_numpy_lstsq(l2, outputs):
+    rng = np.random.default_rng(1)
+    n, d = 20_000, 30  # several row blocks; features far from zero mean
+    x = (rng.standard_normal((n, d)) * rng.uniform(0.1, 10, d) + 50).astype(np.float32)
+    w_true = rng.standard_normal((d, outputs))
+    y = (x @ w_true + 0.1 * rng.standard_normal((n, outputs))).astype(np.float32)
+    y = y[:, 0] if outputs == 1 else y
+    params = models.least_squares(models.linear_regression(outputs), x, y, l2=l2)
+    w, b = _numpy_ridge(x, y, l2)
+    # float64 solutions, rounded to the float32 params
+    np.testing.assert_allclose(params["dense"]["w"], w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(params["dense"]["b"], b, rtol=1e-6, atol=1e-5)
+
+
+def test_least_squares_rank_deficient_takes_the_minimum_norm_solution():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 4)).astype(np.float32)
+    x = np.c_[x, x[:, :1]]  # a repeated column: the Gram matrix is singular
+    y = (x @ np.arange(1.0, 6.0) + 1.0).astype(np.float32)
+    params = models.least_squares(models.linear_regression(), x, y)
+    w, b = _numpy_ridge(x, y, 0.0)
+    np.testing.assert_allclose(params["dense"]["w"], w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(params["dense"]["b"], b, rtol=1e-5, atol=1e-5)
+
+
+def test_least_squares_r2_equals_sklearn_linear_regression():
+    from sklearn.linear_model import LinearRegression
+
+    from fml.bench._convex import synthetic_problem
+
+    x, y, x_test, y_test = synthetic_problem(50_000, "regression")
+    model = models.linear_regression()
+    params = models.least_squares(model, x, y)
+    got = fml.evaluate(model, params, x_test, y_test, task="regression")["r2"]
+    want = LinearRegression().fit(x, y).score(x_test, y_test)
+    assert abs(got - want) < 1e-5
