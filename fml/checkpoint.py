@@ -55,6 +55,7 @@ TRAJECTORY = (
     "seed",
     "loss",
     "l2",
+    "tol",
     "task",
     "input_shape",
     "num_examples",

@@ -22,7 +22,7 @@ from fml import losses as losses_lib
 from fml import metrics as metrics_lib
 from fml import models as models_lib
 from fml._model import Model
-from fml.data import Dataset, check_arrays
+from fml.data import Dataset, check_arrays, check_labels
 from fml.data._embedded import as_array
 from fml.errors import ConfigError, ShapeError, TrainingError, in_range, unknown
 
@@ -128,6 +128,14 @@ def _batch_sums(model: Model, objective: Objective, params, batch, key, train: b
     return sums
 
 
+def _objective_value(model: Model, objective: Objective, params, batch, hparams, reduce=None):
+    """The full objective at `params` on `batch` (no dropout): mean loss + l2 penalty."""
+    sums = _batch_sums(model, objective, params, batch, None, train=False)
+    sums = reduce(sums) if reduce else sums
+    penalty = losses_lib.l2_penalty(params)
+    return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams["l2"] * penalty
+
+
 def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name: str | None = None):
     """The pure step `train_step(state, batch) -> (state, metrics)`.
 
@@ -144,11 +152,7 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
         sums = _batch_sums(model, objective, params, batch, key, train=True)
         return sums["loss"], sums
 
-    def objective_value(params, batch, hparams):
-        sums = reduce(_batch_sums(model, objective, params, batch, None, train=False))
-        return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams[
-            "l2"
-        ] * losses_lib.l2_penalty(params)
+    objective_value = functools.partial(_objective_value, model, objective, reduce=reduce)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
@@ -215,6 +219,78 @@ def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False):
         return steps(state, x, y, *epoch_indices(key, x.shape[0], batch_size, drop_remainder))
 
     return epoch
+
+
+# Families whose `apply` ignores `train` and `key`: their full-batch steps can take
+# the gradient the line search computed at the new params instead of computing it again.
+_DETERMINISTIC_FAMILIES = ("linear_regression", "logistic_regression", "svm")
+MAX_ITERATIONS_PER_PROGRAM = 1024
+
+
+def make_full_batch_iterations(model: Model, objective: Objective, optimizer, train_step):
+    """Full-batch iterations (lbfgs) as one program:
+    `iterations(state, x, y, num, tol, *, capacity) -> (state, metrics, ran, converged)`.
+
+    A `lax.while_loop` takes up to `num <= capacity` steps on the whole of `(x, y)`
+    and stops early once the gradient at the new params (the one the line search
+    stored) has no entry above `tol` in absolute value (`tol < 0`: never). Per-step
+    metrics come back in `[capacity]` buffers whose first `ran` entries are real.
+
+    For the linear families a step's gradient is the line search's from the step
+    before (the first step of a call computes it), and only a forward pass is added
+    for the metrics: the same iterates as `train_step`'s, for about half the work.
+    """
+    reuse_grad = model.family in _DETERMINISTIC_FAMILIES
+
+    def reusing_step(state: TrainState, batch, fresh):
+        value_fn = functools.partial(
+            _objective_value, model, objective, batch=batch, hparams=state.hparams
+        )
+        sums = _batch_sums(model, objective, state.params, batch, None, train=False)
+        count = jnp.maximum(sums["count"], 1.0)
+        value = sums["loss"] / count + state.hparams["l2"] * losses_lib.l2_penalty(state.params)
+        grads = jax.lax.cond(
+            fresh,
+            jax.grad(value_fn),
+            lambda params: optax.tree.get(state.opt_state, "grad"),
+            state.params,
+        )
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, value=value, grad=grads, value_fn=value_fn
+        )
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": value, "count": sums["count"]}
+        if "correct" in sums:
+            metrics["accuracy"] = sums["correct"] / count
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    def step(state, batch, fresh):
+        if reuse_grad:
+            return reusing_step(state, batch, fresh)
+        return train_step(state, batch)
+
+    def iterations(state, x, y, num, tol, *, capacity: int):
+        batch = {"x": x, "y": y, "mask": jnp.ones((x.shape[0],), jnp.float32)}
+        shapes = jax.eval_shape(step, state, batch, True)[1]
+        buffers = jax.tree.map(lambda m: jnp.zeros((capacity, *m.shape), m.dtype), shapes)
+
+        def body(carry):
+            state, i, _, buffers = carry
+            state, metrics = step(state, batch, i == 0)
+            buffers = jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+            grads = optax.tree.get(state.opt_state, "grad")
+            largest = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
+            return state, i + 1, largest <= tol, buffers
+
+        def more(carry):
+            _, i, converged, _ = carry
+            return (i < num) & ~converged
+
+        start = (state, jnp.zeros((), jnp.int32), jnp.zeros((), bool), buffers)
+        state, ran, converged, buffers = jax.lax.while_loop(more, body, start)
+        return state, buffers, ran, converged
+
+    return iterations
 
 
 def epoch_indices(key, num_examples: int, batch_size: int, drop_remainder: bool = False):
@@ -418,6 +494,7 @@ def fit(
     resume: bool = False,
     parallel: str | None = None,
     devices=None,
+    tol: float | None = None,
 ):
     """Trains `model` on `data` with minibatch gradient descent.
 
@@ -466,6 +543,14 @@ def fit(
         mask 0.
       devices: with `parallel`, None for every device, an int `n` for the first
         `n`, or a list of `jax.Device`s.
+
+      tol: full-batch optimizers (lbfgs) only: stop once no entry of the gradient
+        at the new params exceeds `tol` in absolute value (as scikit-learn's `tol`
+        for lbfgs, on the same mean objective); the history then ends at that
+        iteration. None (default): run all `epochs` iterations.
+
+    With a full-batch optimizer every iteration up to the next checkpoint or
+    validation runs in one compiled program (a `lax.while_loop`).
 
     Returns:
       `(state, history)`: the final `TrainState` and a `History` of per-epoch metrics.
@@ -516,6 +601,10 @@ def fit(
             "labels, got float targets"
         )
     full_batch = isinstance(optimizer, str) and optimizer in FULL_BATCH_OPTIMIZERS
+    if tol is not None:
+        if not full_batch:
+            raise ConfigError(f"tol stops full-batch optimizers (lbfgs), not {optimizer!r}")
+        tol = in_range(tol, "tol", 0.0, math.inf)
     if stream is not None:
         if fused or full_batch or checkpoint_dir is not None:
             raise ConfigError(
@@ -535,7 +624,8 @@ def fit(
     else:
         state = state._replace(hparams={**state.hparams, "l2": jnp.asarray(l2, jnp.float32)})
     expected = _check_targets(model, state.params, x, y, objective, "training data")
-    check_arrays(x, y, task=task, num_outputs=expected, where="training data")
+    if objective.classify:  # the rest was checked above
+        check_labels(y, expected, where="training data")
     for name, (xs, ys) in {
         "validation data": (x_val, y_val),
         "test data": (x_test, y_test),
@@ -568,6 +658,7 @@ def fit(
             epochs=epochs,
             fused=fused,
             patience=patience,
+            tol=tol,
         )
         checkpoints = checkpoint_lib.Checkpointer(checkpoint_dir, keep=keep)
         restored = checkpoints.start(model, tx, config, resume=resume)
@@ -618,34 +709,69 @@ def fit(
             model, settings, batch_size=batch_size, drop_remainder=drop_remainder, fused=fused
         )
         runner = functools.partial(_step_runner, programs, stream=stream)
-    run_steps = runner(
-        x,
-        y,
-        seed=seed,
-        batch_size=batch_size,
-        drop_remainder=drop_remainder,
-        fused=fused,
-    )
+    iterate = None
+    if full_batch and not dp:
+        # every iteration up to the next checkpoint or validation in one program
+        settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
+        programs = _compiled_steps(
+            model, settings, batch_size=batch_size, drop_remainder=False, fused="full_batch"
+        )
+        iterate = _iteration_runner(programs, x, y)
+    else:
+        run_steps = runner(
+            x,
+            y,
+            seed=seed,
+            batch_size=batch_size,
+            drop_remainder=drop_remainder,
+            fused=fused,
+        )
     start_epoch, offset = divmod(int(local(state).step), steps_per_epoch)
     end_epoch = start_epoch if stopped else (epochs if resume else start_epoch + epochs)
     bar = _progress(range(start_epoch, end_epoch), quiet)
+    ahead, converged_at = {}, None  # full batch: epoch -> (metrics, seconds) already run
     for epoch in bar:
         started = time.perf_counter()
-        for begin, end in _step_ranges(epoch, offset, steps_per_epoch, checkpoint_every):
-            state, chunk = run_steps(state, epoch, begin, end)
-            chunk = jax.device_get(chunk)
-            _check_finite_loss(chunk, epoch * steps_per_epoch + begin, epoch, checkpoints)
+        if iterate is not None:
+            if epoch not in ahead:
+                span = _full_batch_span(
+                    epoch,
+                    end_epoch,
+                    validation=x_val is not None,
+                    checkpoint_every=checkpoint_every if checkpoints else None,
+                    checkpoint_every_epochs=checkpoint_every_epochs if checkpoints else None,
+                )
+                state, chunk, converged = iterate(state, span, -1.0 if tol is None else tol)
+                _check_finite_loss(chunk, epoch, steps_per_epoch, checkpoints)
+                ran = len(chunk["loss"])
+                seconds = (time.perf_counter() - started) / max(ran, 1)
+                ahead = {
+                    epoch + j: ({k: v[j : j + 1] for k, v in chunk.items()}, seconds)
+                    for j in range(ran)
+                }
+                converged_at = epoch + ran - 1 if converged else None
+            chunk, epoch_time = ahead.pop(epoch)
             epoch_metrics.append(chunk)
-            if checkpoints is not None and end < steps_per_epoch:
-                save_checkpoint()
+        else:
+            for begin, end in _step_ranges(epoch, offset, steps_per_epoch, checkpoint_every):
+                state, chunk = run_steps(state, epoch, begin, end)
+                chunk = jax.device_get(chunk)
+                _check_finite_loss(
+                    chunk, epoch * steps_per_epoch + begin, steps_per_epoch, checkpoints
+                )
+                epoch_metrics.append(chunk)
+                if checkpoints is not None and end < steps_per_epoch:
+                    save_checkpoint()
+            epoch_time = time.perf_counter() - started
         offset = 0
         train = _mean_metrics(_stack_metrics(epoch_metrics))
         epoch_metrics = []
         history.append(
             epoch=epoch,
-            epoch_time=time.perf_counter() - started,
+            epoch_time=epoch_time,
             **{f"train_{k}": v for k, v in train.items()},
         )
+        stopped = epoch == converged_at
         if x_val is not None:
             params = local(state).params
             val = evaluate(model, params, x_val, y_val, loss=loss, metric=metric, task=task)
@@ -655,7 +781,7 @@ def fit(
             else:
                 stopped = patience is not None and epoch - best[2] >= patience
         due = _divides(checkpoint_every_epochs, epoch + 1) or _divides(
-            checkpoint_every, int(local(state).step)
+            checkpoint_every, (epoch + 1) * steps_per_epoch
         )
         if checkpoints is not None and (due or stopped):
             save_checkpoint()
@@ -677,6 +803,20 @@ def fit(
             model, state.params, x_test, y_test, loss=loss, metric=metric, task=task
         )
     return state, history
+
+
+def _full_batch_span(
+    epoch: int, end_epoch: int, *, validation: bool, checkpoint_every, checkpoint_every_epochs
+) -> int:
+    """How many full-batch epochs (one step each) to run in one program from `epoch`:
+    up to the next validation or checkpoint, so the host does those in their place."""
+    if validation:
+        return 1
+    span = min(end_epoch - epoch, MAX_ITERATIONS_PER_PROGRAM)
+    for every in (checkpoint_every, checkpoint_every_epochs):
+        if every:
+            span = min(span, every - epoch % every)
+    return span
 
 
 def _steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
@@ -708,7 +848,8 @@ _MAX_COMPILED = 32
 
 
 def _compiled_steps(model: Model, settings: tuple, *, batch_size, drop_remainder, fused):
-    """The jitted programs `fit` runs: `(run_epoch, run_scan)` when fused, else
+    """The jitted programs `fit` runs: `(run_epoch, run_scan)` when fused,
+    `(iterations, None)` for a full-batch optimizer (`fused="full_batch"`), else
     `(step, None)`. Reused when the same model object is fitted again with the
     same settings, so a second `fit` does not compile again (a float learning
     rate lives in the optimizer state, not in the program)."""
@@ -735,7 +876,15 @@ def _compiled_steps(model: Model, settings: tuple, *, batch_size, drop_remainder
             optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
         )
         train_step = make_train_step(model, make_objective(model, loss, task), tx)
-        if fused:
+        if fused == "full_batch":
+            iterations = make_full_batch_iterations(
+                model, make_objective(model, loss, task), tx, train_step
+            )
+            programs = (
+                jax.jit(iterations, static_argnames="capacity", donate_argnums=0),
+                None,
+            )
+        elif fused:
             epoch = make_epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
             programs = (
                 jax.jit(epoch, donate_argnums=0),
@@ -791,6 +940,29 @@ def _step_runner(programs, x, y, *, seed, batch_size, drop_remainder, fused, str
     return run
 
 
+def _iteration_runner(programs, x, y):
+    """`run(state, num, tol) -> (state, metrics, converged)`: up to `num` full-batch
+    steps on `(x, y)` (placed on the device once) in one program; `metrics` are the
+    steps' `{name: [ran]}` on the host."""
+    iterations, _ = programs
+    x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+
+    def run(state, num: int, tol: float):
+        capacity = min(1 << (num - 1).bit_length(), MAX_ITERATIONS_PER_PROGRAM)
+        state, buffers, ran, converged = iterations(
+            state,
+            x_dev,
+            y_dev,
+            jnp.asarray(num, jnp.int32),
+            jnp.asarray(tol, jnp.float32),
+            capacity=capacity,
+        )
+        ran, converged, buffers = jax.device_get((ran, converged, buffers))
+        return state, {k: v[:ran] for k, v in buffers.items()}, bool(converged)
+
+    return run
+
+
 def _host_steps(step, state, batches):
     """Jitted steps over `batches` from the input pipeline (for arrays, the
     batches of `make_steps`, read and placed ahead of each step)."""
@@ -808,11 +980,12 @@ def _stack_metrics(chunks) -> dict:
     return {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in chunks[0]}
 
 
-def _check_finite_loss(chunk, first_step: int, epoch: int, checkpoints) -> None:
+def _check_finite_loss(chunk, first_step: int, steps_per_epoch: int, checkpoints) -> None:
     """Raises `TrainingError` naming the first step whose loss is NaN or inf."""
     loss = np.asarray(chunk["loss"])
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
+        epoch = (first_step + int(bad[0])) // steps_per_epoch
         where = (
             checkpoints.describe_latest()
             if checkpoints is not None

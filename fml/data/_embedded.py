@@ -170,6 +170,19 @@ def as_array(value, name: str, where: str = "data") -> np.ndarray:
         raise ShapeError(f"{where}: {name} is not a rectangular array: {e}") from e
 
 
+def check_labels(y: np.ndarray, num_outputs: int | None, where: str = "data") -> None:
+    """`DataError` unless the integer labels `y` are classes of a classifier with
+    `num_outputs` outputs (one output: 2 classes); None checks nothing."""
+    classes = 2 if num_outputs == 1 else num_outputs
+    if classes is None:
+        return
+    low, high = y.min(), y.max()
+    if low < 0 or high >= classes:
+        raise DataError(
+            f"{where}: expected labels in [0, {classes - 1}], got range [{low}, {high}]"
+        )
+
+
 def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str = "data"):
     """Validates a supervised pair before it reaches XLA; returns them as numpy.
 
@@ -196,11 +209,7 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
             raise DTypeError(f"{where}: expected integer class labels, got dtype {y.dtype}")
         if y.ndim not in (1, 2):
             raise ShapeError(f"{where}: expected labels of shape (N,) (or (N, T)), got {y.shape}")
-        classes = 2 if num_outputs == 1 else num_outputs
-        if classes is not None and (y.min() < 0 or y.max() >= classes):
-            raise DataError(
-                f"{where}: expected labels in [0, {classes - 1}], got range [{y.min()}, {y.max()}]"
-            )
+        check_labels(y, num_outputs, where)
     elif not np.issubdtype(y.dtype, np.floating):
         raise DTypeError(
             f"{where}: expected floating-point regression targets, got dtype {y.dtype}"
