@@ -260,9 +260,11 @@ def layer_norm(params: dict, x, eps: float = 1e-5):
 class Cell(NamedTuple):
     """A recurrent cell in PyTorch's fused layout.
 
-    `project(params, x_BxTxD) -> gx_BxTxG` is the input half of every gate for all
-    steps at once (one big matmul, hoisted out of the scan); `step(params, carry,
-    gx_BxG) -> (carry, h_BxH)` is the recurrent half. `gates` is G / H.
+    `step(params, carry, gx) -> (carry, h_BxH)` is the recurrent half of a step:
+    `gx` is the input half of each gate, a tuple of `gates` arrays `[B, H]`
+    (`project` computes them for every step at once, hoisted out of the scan).
+    Separate per-gate arrays, not one `[B, G*H]` array sliced in the loop, make
+    the step's elementwise work 4x faster on XLA:CPU.
     """
 
     gates: int
@@ -286,29 +288,36 @@ def cell_init(key, gates: int, in_features: int, hidden: int, dtype=jnp.float32)
     }
 
 
-def project(params: dict, x):
-    """The input half of every gate: `x @ weight_ih.T + bias_ih`."""
-    return add_bias(x @ params["weight_ih"].T, params["bias_ih"])
+def project(params: dict, x_TxBxD, gates: int) -> tuple:
+    """The input half of every gate, `x @ weight_ih.T + bias_ih`, as one
+    `[T, B, H]` array per gate."""
+    weights = jnp.split(params["weight_ih"], gates)
+    biases = jnp.split(params["bias_ih"], gates)
+    return tuple(add_bias(x_TxBxD @ w.T, b) for w, b in zip(weights, biases))
+
+
+def _recurrent_half(params, h, gates: int) -> list:
+    """`h @ weight_hh.T + bias_hh` (one matmul), split per gate."""
+    return jnp.split(add_bias(h @ params["weight_hh"].T, params["bias_hh"]), gates, axis=-1)
 
 
 def _simple_step(params, h, gx):
-    h = jnp.tanh(gx + add_bias(h @ params["weight_hh"].T, params["bias_hh"]))
+    (gh,) = _recurrent_half(params, h, 1)
+    h = jnp.tanh(gx[0] + gh)
     return h, h
 
 
 def _lstm_step(params, carry, gx):
     h, c = carry
-    gates = gx + add_bias(h @ params["weight_hh"].T, params["bias_hh"])
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = (x + r for x, r in zip(gx, _recurrent_half(params, h, 4)))
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return (h, c), h
 
 
 def _gru_step(params, h, gx):
-    gh = add_bias(h @ params["weight_hh"].T, params["bias_hh"])
-    x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
+    x_r, x_z, x_n = gx
+    h_r, h_z, h_n = _recurrent_half(params, h, 3)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
@@ -361,27 +370,27 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
     hidden = params["weight_hh"].shape[1]
     if reverse and lengths_B is not None:
         x_BxTxD = _reverse_within_lengths(x_BxTxD, lengths_B)
-    gx_TxBxG = jnp.swapaxes(project(params, x_BxTxD), 0, 1)
+    gx_TxBxH = project(params, jnp.swapaxes(x_BxTxD, 0, 1), cell.gates)
     carry = cell.zero_carry(batch, hidden, x_BxTxD.dtype)
     scan_reverse = reverse and lengths_B is None
 
     if lengths_B is None:
 
-        def body(carry, gx_BxG):
-            return cell.step(params, carry, gx_BxG)
+        def body(carry, gx_BxH):
+            return cell.step(params, carry, gx_BxH)
 
-        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxG, reverse=scan_reverse)
+        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxH, reverse=scan_reverse)
     else:
         valid_TxB = jnp.arange(steps)[:, None] < lengths_B[None, :]
 
         def body(carry, inputs):
-            gx_BxG, valid_B = inputs
-            new_carry, h_BxH = cell.step(params, carry, gx_BxG)
+            gx_BxH, valid_B = inputs
+            new_carry, h_BxH = cell.step(params, carry, gx_BxH)
             keep = valid_B[:, None]
             new_carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_carry, carry)
             return new_carry, jnp.where(keep, h_BxH, 0.0)
 
-        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxG, valid_TxB))
+        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxH, valid_TxB))
     h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
     if reverse and lengths_B is not None:
         h_BxTxH = _reverse_within_lengths(h_BxTxH, lengths_B)

@@ -266,7 +266,7 @@ def test_scan_equals_python_loop(cell):
         loop_carry = cell_fn.zero_carry(2, 4, jnp.float32)
         outputs = [None] * 9
         for step in reversed(range(9)) if reverse else range(9):
-            gx = layers.project(params, x[:, step])
+            gx = layers.project(params, x[:, step], cell_fn.gates)
             loop_carry, outputs[step] = cell_fn.step(params, loop_carry, gx)
         np.testing.assert_allclose(h, jnp.stack(outputs, 1), atol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), carry, loop_carry)
