@@ -12,10 +12,10 @@ PROBE = textwrap.dedent(
     import resource
     import fml, jax, jax.numpy as jnp
 
-    # A 128 MiB temporary inside the program, as a train step's activations are.
+    # A 32 MiB temporary inside the program, as a train step's activations are.
     stack = lambda x: jax.lax.optimization_barrier(jnp.stack([x * i for i in range(8)]))
     stack_sum = jax.jit(lambda x: stack(x).sum(0))
-    x = jnp.ones((4096, 1024), jnp.float32)
+    x = jnp.ones((1024, 1024), jnp.float32)
     for _ in range(3):
         stack_sum(x).block_until_ready()
     faults = []
@@ -39,9 +39,9 @@ def _page_faults(keep: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_freed_memory_is_reused_without_page_faults():
-    # Faults of a warm run: 128 MiB of fresh pages = 32768 faults when malloc
+    # Faults of a warm run: 32 MiB of fresh pages = 8192 faults when malloc
     # hands the temporary back to the system.
     system = _page_faults("0")
     kept = _page_faults("1")
-    assert system > 32768 * 0.9
-    assert kept < 32768 / 50
+    assert system > 8192 * 0.9
+    assert kept < 8192 / 50
