@@ -127,8 +127,10 @@ def bad_fit_calls(draw):
             kwargs[defect] = draw(
                 st.one_of(st.integers(-3, -1), st.sampled_from([2.0, "4", None, True]))
             )
-        elif defect in ("learning_rate", "clip_norm"):
+        elif defect == "learning_rate":
             kwargs[defect] = draw(BAD_NUMBERS)
+        elif defect == "clip_norm":  # (None is its default: no clipping)
+            kwargs[defect] = draw(BAD_NUMBERS.filter(lambda v: v is not None))
         elif defect == "optimizer":
             kwargs[defect] = draw(names_other_than({*OPTIMIZERS, *FULL_BATCH_OPTIMIZERS}))
         elif defect == "loss":
