@@ -131,7 +131,11 @@ def _batch_sums(model: Model, objective: Objective, params, batch, key, train: b
 def _objective_value(model: Model, objective: Objective, params, batch, hparams, reduce=None):
     """The full objective at `params` on `batch` (no dropout): mean loss + l2 penalty."""
     sums = _batch_sums(model, objective, params, batch, None, train=False)
-    sums = reduce(sums) if reduce else sums
+    return _value_of_sums(reduce(sums) if reduce else sums, params, hparams)
+
+
+def _value_of_sums(sums, params, hparams):
+    """Mean loss of the batch sums plus the l2 penalty of `params`."""
     penalty = losses_lib.l2_penalty(params)
     return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams["l2"] * penalty
 
@@ -248,7 +252,7 @@ def make_full_batch_iterations(model: Model, objective: Objective, optimizer, tr
         )
         sums = _batch_sums(model, objective, state.params, batch, None, train=False)
         count = jnp.maximum(sums["count"], 1.0)
-        value = sums["loss"] / count + state.hparams["l2"] * losses_lib.l2_penalty(state.params)
+        value = _value_of_sums(sums, state.params, state.hparams)
         grads = jax.lax.cond(
             fresh,
             jax.grad(value_fn),
@@ -699,25 +703,23 @@ def fit(
             "fit(parallel=...) feeds on-host arrays; a BatchStream under data parallelism is "
             "not supported yet: pass arrays, or drive the stream with fml.parallel yourself"
         )
+    iterate = runner = None
+    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
     if dp:
         runner = functools.partial(
             dp.step_runner, make_train_step(model, objective, tx, axis_name="data")
         )
-    else:
-        settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
-        programs = _compiled_steps(
-            model, settings, batch_size=batch_size, drop_remainder=drop_remainder, fused=fused
-        )
-        runner = functools.partial(_step_runner, programs, stream=stream)
-    iterate = None
-    if full_batch and not dp:
-        # every iteration up to the next checkpoint or validation in one program
-        settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
+    elif full_batch:  # every iteration up to the next checkpoint or validation in one program
         programs = _compiled_steps(
             model, settings, batch_size=batch_size, drop_remainder=False, fused="full_batch"
         )
         iterate = _iteration_runner(programs, x, y)
     else:
+        programs = _compiled_steps(
+            model, settings, batch_size=batch_size, drop_remainder=drop_remainder, fused=fused
+        )
+        runner = functools.partial(_step_runner, programs, stream=stream)
+    if runner is not None:
         run_steps = runner(
             x,
             y,

@@ -2,10 +2,9 @@
 and the linear SVM. Each flattens its input and applies one dense layer,
 `params = {"dense": {"w": [D, K], "b": [K]}}`."""
 
-import contextlib
-
 import jax.numpy as jnp
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fml import layers
 from fml._model import Model
@@ -147,7 +146,7 @@ def _centred_moments(x_NxD, y_NxK):
     # One BLAS thread: on calls this small, OpenBLAS's threads spend more time
     # waiting for each other than working (1M x 100 on 2 busy cores: 0.5 s on one
     # thread, 2 to 20 s on two).
-    with _one_blas_thread():
+    with threadpool_limits(1, user_api="blas"):
         for start in range(0, n, _GRAM_ROWS):
             block = x_NxD[start : start + _GRAM_ROWS].astype(np.float64)
             block -= shift
@@ -157,14 +156,6 @@ def _centred_moments(x_NxD, y_NxK):
     offset = total / n  # the true mean minus the shift
     gram -= n * np.outer(offset, offset)
     return shift + offset, gram, xty
-
-
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def _lstsq(x_NxD, y_NxK, x_mean, y_mean, l2: float):
