@@ -67,7 +67,7 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
     """The jitted programs of one runner kind ("step", "fused", "full_batch"), reused
     when the same model object is fitted again with the same settings, so a second
     `fit` does not compile again (a float learning rate is state, not a constant)."""
-    loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs = settings
+    loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs, penalize = settings
     key = (
         model.init,
         model.apply,
@@ -77,6 +77,7 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
         learning_rate if callable(learning_rate) else None,
         clip_norm,
         tuple(sorted((optimizer_kwargs or {}).items())),
+        penalize,
         kind,
         batch_size,
         drop_remainder,
@@ -91,7 +92,7 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
             optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
         )
         objective = make_objective(model, loss, task)
-        train_step = make_train_step(model, objective, tx)
+        train_step = make_train_step(model, objective, tx, penalize=penalize)
         if kind == "full_batch":
             iterations = make_full_batch_iterations(model, objective, tx, train_step)
             programs = (jax.jit(iterations, static_argnames="capacity", donate_argnums=0),)
@@ -146,7 +147,10 @@ def _runner(model, objective, tx, settings, splits: inputs.Splits, plan: Plan, d
         return FullBatchRunner(iterations, jax.device_put(x), jax.device_put(y), plan.tol)
     order = {"seed": plan.seed, "drop_remainder": plan.drop_remainder, "shuffle": plan.shuffle}
     if dp is not None:
-        train_step = make_train_step(model, objective, tx, axis_name=parallel_lib.AXIS)
+        penalize = settings[-1]
+        train_step = make_train_step(
+            model, objective, tx, axis_name=parallel_lib.AXIS, penalize=penalize
+        )
         if plan.fused:
             return dp.fused_runner(train_step, x, y, batch_size=plan.batch_size, **order)
         stream = stream or dp.array_stream(x, y, batch_size=plan.batch_size, **order)
@@ -430,7 +434,7 @@ def fit(
     dp = None
     if parallel is not None or jax.process_count() > 1:
         dp = parallel_lib.data_parallel(parallel or "shard_map", devices)
-    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
+    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs, l2 > 0)
     runner = _runner(model, objective, tx, settings, splits, plan, dp)
     checkpoint_cb = None
     if checkpoint_dir is not None:

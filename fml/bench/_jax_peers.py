@@ -52,7 +52,7 @@ def fml_state_and_step(workload: Workload):
     model = fml_model(workload)
     tx = train.make_optimizer("adam", LEARNING_RATE)
     state = train.init_state(model, tx, workload.input_shape)
-    step = train.make_train_step(model, train.make_objective(model), tx)
+    step = train.make_train_step(model, train.make_objective(model), tx, penalize=False)
     return model, state, step
 
 
