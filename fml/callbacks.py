@@ -478,6 +478,8 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, loop, epoch, logs):
         step = loop.step
+        if step != (epoch + 1) * loop.steps_per_epoch:
+            return  # a later epoch of the same chunk (full batch) ends where the state is
         due = (self.every_epochs and (epoch + 1) % self.every_epochs == 0) or (
             self.every_steps and step % self.every_steps == 0
         )
