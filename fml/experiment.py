@@ -22,7 +22,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import numpy as np
 
 from fml import data as data_lib
 from fml import plots, rundir
@@ -146,7 +145,13 @@ def build_model(config: dict, dataset):
 
 
 def train_and_evaluate(
-    config: dict, workdir, *, log=print, checkpoint: bool = False, resume: bool = False
+    config: dict,
+    workdir,
+    *,
+    log=print,
+    checkpoint: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
 ) -> RunResult:
     """Trains the model `config` describes and writes its run directory.
 
@@ -157,6 +162,7 @@ def train_and_evaluate(
       checkpoint: save the whole run state every epoch into `workdir/checkpoints`.
       resume: continue the run checkpointed in `workdir` up to `config["epochs"]`
         (implies `checkpoint`).
+      quiet: no progress bar.
 
     Returns:
       a `RunResult`.
@@ -183,7 +189,7 @@ def train_and_evaluate(
         batch_size=config["batch_size"],
         seed=config["seed"],
         fused=True,
-        quiet=True,
+        quiet=quiet,
         optimizer_kwargs=optimizer_kwargs,
         checkpoint_dir=pathlib.Path(workdir) if checkpoint or resume else None,
         resume=resume,
@@ -239,49 +245,3 @@ def evaluate_run(run_dir, dataset: str | None = None) -> dict:
             f"but {name!r} has {data.input_shape}"
         )
     return evaluate(model, params, data.x_test, data.y_test, task=data.task)
-
-
-# ------------------------------------------------------------------ tables
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and (population) standard deviation."""
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std())
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; floats are shown with 4 decimals."""
-
-    def cell(value):
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.4f}"
-        return str(value)
-
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-    ]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_table(table: str, out, *, device: str | None = None) -> pathlib.Path:
-    """Writes `table` (with the device line above it) to `out/table.md`; returns the path."""
-    text = f"Device: {device or device_description()}\n\n{table}\n"
-    path = pathlib.Path(out) / "table.md"
-    rundir.atomic_write(path, text.encode())
-    return path
-
-
-def script_main(doc: str, default_out: str, make_table) -> None:
-    """The command line of a table experiment: `--out DIR --scale S`, then
-    `make_table(out, scale=S)` (which prints the table) and where it was written."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc)
-    parser.add_argument("--out", default=default_out)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every epoch budget")
-    args = parser.parse_args()
-    _, path = make_table(args.out, scale=args.scale)
-    print(f"\ntable written to {path}; run directories under {args.out}/")

@@ -28,6 +28,7 @@ def add_train(subparsers):
         action="store_true",
         help="continue the run checkpointed in --out (a killed run, or more --epochs)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
 
@@ -48,7 +49,9 @@ def _run_train(args):
     )
     out = args.out or f"runs/{args.family}-{args.dataset}-seed{args.seed}"
     print(f"training {args.family} on {args.dataset}, device {experiment.device_description()}")
-    result = experiment.train_and_evaluate(config, out, checkpoint=True, resume=args.resume)
+    result = experiment.train_and_evaluate(
+        config, out, checkpoint=True, resume=args.resume, quiet=args.quiet
+    )
     print(f"test: {json.dumps(result.test)}  ({result.seconds:.1f} s)")
     print(f"run directory: {result.run_dir} (learning curves: {result.run_dir / 'curves.png'})")
 
