@@ -72,7 +72,7 @@ def _run_job(job: Job) -> tuple[float, float, pathlib.Path]:
     run_dir = pathlib.Path(job.out) / job.dataset / job.entry.label / f"seed_{job.seed}"
     kept = experiment.finished_run(config, run_dir) if job.resume else None
     if kept is None:
-        result = experiment.train_and_evaluate(config, run_dir, quiet=True)
+        result = experiment.train_and_evaluate(config, run_dir, quiet=True, overwrite=True)
         test, seconds = result.test, result.seconds
     else:
         test, seconds = kept

@@ -119,9 +119,11 @@ def plane(out, *, scale: float = 1.0, log=print) -> Example:
 
 def _preset_run(name, family, dataset, out, scale, *, log) -> Example:
     """`family`'s recipe for `dataset` through `experiment.train_and_evaluate`."""
-    config = experiment.make_config(family, dataset)
+    config = experiment.make_config(family, dataset, fallback=experiment.FALLBACKS.get(dataset))
     config["epochs"] = max(1, round(config["epochs"] * scale))
-    result = experiment.train_and_evaluate(config, pathlib.Path(out) / name, log=log, quiet=True)
+    result = experiment.train_and_evaluate(
+        config, pathlib.Path(out) / name, log=log, quiet=True, overwrite=True
+    )
     used, accuracy = result.config["dataset"], result.test["accuracy"]
     data = used if used == dataset else f"{used} (**{dataset} unavailable here, fallback**)"
     return Example(

@@ -10,10 +10,11 @@ Example:
   >>> state, history = fml.fit(model, data, epochs=20, batch_size=100, quiet=True)
 """
 
-from fml import data, errors, layers, losses, metrics, models, parallel, train
+from fml import data, errors, layers, losses, metrics, models, parallel, preprocessing, train
 from fml._model import Model
 from fml._runtime import apply_process_settings
 from fml.errors import FmlError
+from fml.predictor import Predictor, load
 from fml.sweep import sweep
 from fml.train import TrainState, evaluate, fit, predict
 
@@ -34,17 +35,20 @@ def __getattr__(name):
 __all__ = [
     "FmlError",
     "Model",
+    "Predictor",
     "TrainState",
     "data",
     "errors",
     "evaluate",
     "fit",
     "layers",
+    "load",
     "losses",
     "metrics",
     "models",
     "parallel",
     "predict",
+    "preprocessing",
     "sweep",
     "train",
 ]

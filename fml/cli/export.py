@@ -1,23 +1,32 @@
-"""`fml export RUN_DIR --to torch|safetensors|savedmodel|onnx [--out PATH]`."""
+"""`fml export RUN_DIR --to torch,pt2,savedmodel,tflite,onnx,safetensors [--out PATH]`."""
 
 import pathlib
+
+from fml import rundir
+from fml.errors import ConfigError, unknown
+from fml.export import PROGRAMS, TARGETS, export
 
 
 def add_export(subparsers) -> None:
     """Registers the `export` subcommand."""
-    from fml.export import TARGETS
-
     p = subparsers.add_parser(
         "export",
-        help="export a run's model to PyTorch, safetensors, a TF SavedModel or ONNX, "
-        "verified against fml on a probe batch",
+        help="export a run's model (with its preprocessing) to PyTorch, a torch.export "
+        "program, a TF SavedModel, TFLite or ONNX, verified against fml on a probe batch",
+        description="Writes RUN_DIR/export/FILE for each target and preprocessing.json "
+        f"beside them. The programs ({', '.join(PROGRAMS)}) apply the run's preprocessing "
+        "and take raw inputs; the state dicts (torch, safetensors) hold the model only.",
     )
     p.add_argument("run_dir", help="a run directory (fml.rundir layout)")
-    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="the export format")
+    p.add_argument(
+        "--to",
+        required=True,
+        help=f"comma-separated targets: {', '.join(sorted(TARGETS))}",
+    )
     p.add_argument(
         "--out",
         default=None,
-        help="where to write (default RUN_DIR/export/"
+        help="where to write, with one target (default RUN_DIR/export/"
         + "|".join(t.filename for t in TARGETS.values())
         + ")",
     )
@@ -31,20 +40,26 @@ def add_export(subparsers) -> None:
 
 
 def run_export(args) -> None:
-    from fml.export import TARGETS, export
-    from fml.rundir import load_run
-
-    model, params, config = load_run(args.run_dir)
-    out = args.out or pathlib.Path(args.run_dir) / "export" / TARGETS[args.to].filename
-    result = export(
-        model,
-        params,
-        out,
-        to=args.to,
-        input_shape=tuple(config["input_shape"]),
-        tolerance=args.tolerance,
-    )
-    print(
-        f"exported {model.family} to {args.to} at {result.path}: max abs diff vs fml on a "
-        f"probe batch {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
-    )
+    targets = [t.strip() for t in args.to.split(",") if t.strip()]
+    for target in targets:
+        if target not in TARGETS:
+            raise unknown("export target", target, TARGETS)
+    if args.out and len(targets) != 1:
+        raise ConfigError(f"--out names one file; got {len(targets)} targets ({args.to})")
+    model, params, config = rundir.load_run(args.run_dir)
+    block = rundir.load_preprocessing(args.run_dir, config["input_shape"])
+    for target in targets:
+        out = args.out or pathlib.Path(args.run_dir) / "export" / TARGETS[target].filename
+        result = export(
+            model,
+            params,
+            out,
+            to=target,
+            input_shape=tuple(config["input_shape"]),
+            tolerance=args.tolerance,
+            preprocessing=block,
+        )
+        print(
+            f"exported {model.family} to {target} at {result.path}: max abs diff vs fml on a "
+            f"probe batch {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
+        )
