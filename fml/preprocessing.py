@@ -123,7 +123,8 @@ def transforms(block_: dict, asarray=None) -> list:
             factor = asarray(step["factor"])
             functions.append(lambda x, f=factor: x * f)
         else:
-            mean, std = asarray(step["mean"]), asarray(step["std"])
+            # [1, *example]: broadcasts against [N, *example] without rank promotion
+            mean, std = (asarray(np.asarray(step[k], np.float32)[None]) for k in ("mean", "std"))
             functions.append(lambda x, m=mean, s=std: (x - m) / s)
     return functions
 

@@ -17,7 +17,7 @@ def add_export(subparsers) -> None:
         f"beside them. The programs ({', '.join(PROGRAMS)}) apply the run's preprocessing "
         "and take raw inputs; the state dicts (torch, safetensors) hold the model only.",
     )
-    p.add_argument("run_dir", help="a run directory (fml.rundir layout)")
+    p.add_argument("run_dir", help="a run directory (from fml train or fml sweep)")
     p.add_argument(
         "--to",
         required=True,

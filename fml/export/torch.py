@@ -593,10 +593,11 @@ def write_program(model: Model, params, input_shape, path, *, preprocessing=None
     net = deployable_module(model, params, input_shape, preprocessing)
     block = preprocessing or preprocessing_lib.identity(input_shape)
     example = torch.zeros((2, *block["raw_shape"]))
+    dims = dynamic_dims(model, input_shape, block)
+    if 1 in dims:  # an RNN's time axis: dynamic where the module allows it (Dim.AUTO)
+        dims[1] = torch.export.Dim.AUTO
     with torch.no_grad():
-        program = torch.export.export(
-            net, (example,), dynamic_shapes=(dynamic_dims(model, input_shape, block),)
-        )
+        program = torch.export.export(net, (example,), dynamic_shapes=(dims,))
     torch.export.save(program, str(path))
 
 
