@@ -13,14 +13,17 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # as a script: the repo root
 import benchmarks  # noqa: E402
+from fml import runtime  # noqa: E402
 from fml.errors import FmlError  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     benchmarks.add_arguments(parser)
+    args = parser.parse_args(argv)
+    runtime.apply_process_settings()  # the freed-memory setting, on the CPU backend
     try:
-        benchmarks.main(parser.parse_args(argv))
+        benchmarks.main(args)
     except FmlError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

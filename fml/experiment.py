@@ -28,8 +28,9 @@ from fml import data as data_lib
 from fml import plots, rundir
 from fml import preprocessing as preprocessing_lib
 from fml.errors import ConfigError, DataError
+from fml.inference import evaluate
 from fml.models import default_loss, presets
-from fml.train import evaluate, fit
+from fml.train import fit
 
 # What a config holds; `make_config` fills the rest from the family's recipe.
 CONFIG_KEYS = (

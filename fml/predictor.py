@@ -23,8 +23,8 @@ from fml import rundir
 from fml._model import Model
 from fml.data import check_arrays
 from fml.errors import ConfigError
+from fml.inference import evaluate, predict
 from fml.models import default_loss
-from fml.train import evaluate, predict
 
 
 class Predictor:

@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from fml import __version__
+from fml import __version__, runtime
 from fml.cli import export, runs, sweep
 from fml.errors import FmlError
 
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
+    runtime.apply_process_settings()  # an entry point's choice for XLA:CPU; see fml.runtime
     try:
         args.run(args)
     except FmlError as e:
