@@ -5,6 +5,8 @@ restore) reads. Layout:
     config.json    how the run was made: family, dataset, input_shape, task,
                    optimizer, learning_rate, epochs, batch_size, seed, ...
     spec.json      the model spec (`fml.models.from_spec` rebuilds the model)
+    preprocessing.json  what was done to raw inputs before the model saw them
+                   (`fml.preprocessing`; written before training starts)
     params.npz     final params, nested keys joined with "/" ("dense_0/w")
     history.json   per-epoch metrics (and "test" at the end)
     history.csv    the per-epoch metrics as a table
@@ -13,7 +15,8 @@ restore) reads. Layout:
                    step (`fml.checkpoint`)
 
 Every file is written to a temporary name and renamed into place, so a crash
-never leaves a half-written file where a good one was.
+never leaves a half-written file where a good one was. `prepare` is the one policy
+for a directory that already holds a run: refuse, unless resuming or overwriting.
 """
 
 import csv
@@ -21,6 +24,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 import zipfile
 
@@ -28,9 +32,13 @@ import jax
 import numpy as np
 
 from fml import models
-from fml.errors import CheckpointError
+from fml import preprocessing as preprocessing_lib
+from fml.errors import CheckpointError, ConfigError
 
 SEPARATOR = "/"
+PREPROCESSING = "preprocessing.json"
+# What marks a directory as holding a run (any trainer's or sweep's output).
+RUN_MARKERS = ("config.json", "spec.json", "params.npz", "history.json", "checkpoints")
 
 
 def atomic_write(path, data: bytes) -> None:
@@ -117,7 +125,72 @@ def history_csv(history: dict) -> str:
     return out.getvalue()
 
 
-def save_run(run_dir, *, model, params, config: dict, history: dict | None = None) -> pathlib.Path:
+def holds_run(run_dir) -> bool:
+    """Whether `run_dir` holds any file a run writes."""
+    run_dir = pathlib.Path(run_dir)
+    return any((run_dir / name).exists() for name in RUN_MARKERS)
+
+
+def prepare(run_dir, *, resume: bool = False, overwrite: bool = False) -> pathlib.Path:
+    """The policy for a run directory, applied before any training starts.
+
+    A directory that holds no run is used as it is. One that holds a run is
+    refused (`ConfigError` naming `--resume` / `--overwrite`, the `fml` flags, and
+    `resume=True` / `overwrite=True`, the Python arguments), unless `resume`
+    (continue it: its files stay) or `overwrite` (it is deleted now, whole, so no
+    file of the old run, e.g. a stale `export/`, survives).
+
+    Returns:
+      the directory, created.
+    """
+    run_dir = pathlib.Path(run_dir)
+    if resume and overwrite:
+        raise ConfigError("pass either --resume or --overwrite (resume= or overwrite=), not both")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file, not a directory")
+    if holds_run(run_dir) and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run; pass --resume to continue it "
+                f"or --overwrite to replace it (in Python: resume=True or overwrite=True), "
+                f"or choose another --out"
+            )
+        if jax.process_index() == 0:
+            shutil.rmtree(run_dir)
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_preprocessing(run_dir, block: dict) -> None:
+    """Writes `block` (`fml.preprocessing`) as `run_dir/preprocessing.json`."""
+    if jax.process_index() == 0:
+        _write_json(pathlib.Path(run_dir) / PREPROCESSING, preprocessing_lib.check(block))
+
+
+def load_preprocessing(run_dir, input_shape=None) -> dict:
+    """The run's preprocessing block; a run written without one (older fml, or
+    arrays passed as the model takes them) gets the identity on `input_shape`."""
+    path = pathlib.Path(run_dir) / PREPROCESSING
+    if not path.exists():
+        if input_shape is None:
+            raise CheckpointError(f"missing {PREPROCESSING} in run directory {run_dir}")
+        return preprocessing_lib.identity(input_shape)
+    try:
+        return preprocessing_lib.check(_read_json(path))
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a preprocessing block: {e}") from e
+
+
+def save_run(
+    run_dir,
+    *,
+    model,
+    params,
+    config: dict,
+    history: dict | None = None,
+    preprocessing: dict | None = None,
+) -> pathlib.Path:
     """Writes a run directory (see the module docstring); returns its path.
 
     In a multi-process run only process 0 writes; the others return the path.
@@ -126,6 +199,8 @@ def save_run(run_dir, *, model, params, config: dict, history: dict | None = Non
     if jax.process_index() != 0:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if preprocessing is not None:
+        save_preprocessing(run_dir, preprocessing)
     _write_json(run_dir / "spec.json", model.spec)
     _write_json(run_dir / "config.json", config)
     save_params(run_dir / "params.npz", params)

@@ -237,9 +237,12 @@ class SweepResult:
         writer.writerows(self.table)
         return out.getvalue()
 
-    def save(self, run_dir, *, config: dict | None = None) -> pathlib.Path:
-        """Writes the best member as a run directory (`fml.rundir` layout) plus
-        `table.md`, `table.csv`, `sweep.json` and the plot `sweep.png`."""
+    def save(
+        self, run_dir, *, config: dict | None = None, preprocessing: dict | None = None
+    ) -> pathlib.Path:
+        """Writes the best member as a run directory (`fml.rundir` layout, with the
+        data set's `preprocessing` when given) plus `table.md`, `table.csv`,
+        `sweep.json` and the plot `sweep.png`."""
         run_dir = pathlib.Path(run_dir)
         best = self.best_config
         history = {
@@ -264,6 +267,7 @@ class SweepResult:
             params=self.best_params,
             config=run_config,
             history=history,
+            preprocessing=preprocessing,
         )
         rundir.atomic_write(run_dir / "table.md", (self.markdown() + "\n").encode())
         rundir.atomic_write(run_dir / "table.csv", self.csv().encode())

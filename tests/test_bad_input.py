@@ -1,4 +1,4 @@
-"""The bad-input table of README.md ("## Bad input and what it gets"), one test per
+"""The bad-input table of docs/bad-input.md ("## Bad input and what it gets"), one test per
 row: each bad input gets a typed fml error with a clear message, and nothing
 already saved is lost."""
 
@@ -26,7 +26,7 @@ from fml.errors import (
 )
 from fml.models import cnn, conv, dense
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(20, 4)).astype(np.float32)
 Y = RNG.integers(0, 3, 20).astype(np.int32)

@@ -158,7 +158,7 @@ def test_least_squares_rank_deficient_takes_the_minimum_norm_solution():
 def test_least_squares_r2_equals_sklearn_linear_regression():
     from sklearn.linear_model import LinearRegression
 
-    from fml.bench._convex import synthetic_problem
+    from benchmarks._convex import synthetic_problem
 
     x, y, x_test, y_test = synthetic_problem(50_000, "regression")
     model = models.linear_regression()

@@ -8,7 +8,8 @@ import pytest
 from parallel_cases import data, families, train
 
 import fml
-from fml import parallel, scaling
+from experiments import scaling
+from fml import parallel
 from fml.errors import ConfigError, DistributedError, UnknownNameError
 
 TOLERANCE = 1e-5

@@ -12,6 +12,12 @@ the first dense layer's size depend on it. Its layers are standard: `nn.Linear`,
 `nn.LSTM/GRU/RNN`; a dense layer after a spatial input flattens NCHW as torch
 users do, so its rows are reordered from fml's NHWC flatten. JAX's asymmetric
 SAME padding becomes an explicit `nn.ZeroPad`/`nn.ConstantPad` in front.
+
+`deployable_module` puts the run's preprocessing (`fml.preprocessing`) in front of
+that module; `write_program` saves it as a standalone `torch.export` program
+(`.pt2`, dynamic batch) that `torch.export.load(path).module()` runs with torch
+alone, on raw inputs. The state-dict targets hold the model only: their inputs are
+preprocessed (the `preprocessing.json` written beside them says how).
 """
 
 import json
@@ -28,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fml import layers
+from fml import preprocessing as preprocessing_lib
 from fml._model import Model
 from fml.errors import CheckpointError, ExportError, require
 from fml.rundir import flatten_params, unflatten_params
@@ -513,22 +520,90 @@ def _metadata(model: Model, input_shape) -> dict[str, str]:
     return {"fml_spec": json.dumps(model.spec), "input_shape": json.dumps(list(input_shape))}
 
 
-def write_pt(model: Model, params, input_shape, path) -> None:
-    """Writes `to_state_dict(...)` with `torch.save` (reload with `weights_only=True`)."""
+def write_pt(model: Model, params, input_shape, path, *, preprocessing=None) -> None:
+    """Writes `to_state_dict(...)` with `torch.save` (reload with `weights_only=True`);
+    the model only (`preprocessing` goes to the `preprocessing.json` beside it)."""
+    del preprocessing
     save_state_dict(to_state_dict(model, params, input_shape), path)
 
 
-def write_safetensors(model: Model, params, input_shape, path) -> None:
-    """Writes `to_state_dict(...)` as safetensors, the spec and input shape as metadata."""
+def write_safetensors(model: Model, params, input_shape, path, *, preprocessing=None) -> None:
+    """Writes `to_state_dict(...)` as safetensors; the spec, input shape and
+    preprocessing block are its metadata."""
     state_dict = to_state_dict(model, params, input_shape)
-    require("safetensors.torch", "torch").save_file(
-        dict(state_dict), str(path), metadata=_metadata(model, input_shape)
-    )
+    metadata = _metadata(model, input_shape)
+    if preprocessing is not None:
+        metadata["fml_preprocessing"] = json.dumps(preprocessing)
+    require("safetensors.torch", "torch").save_file(dict(state_dict), str(path), metadata=metadata)
 
 
-def run_file(model: Model, input_shape, path, x) -> np.ndarray:
-    """Loads a state dict file into `torch_module` (strictly) and runs it on `x`."""
+def _preprocessed(x, preprocessing) -> torch.Tensor:
+    if preprocessing is not None:
+        x = preprocessing_lib.apply(preprocessing, x)
+    return torch.from_numpy(np.asarray(x, np.float32))
+
+
+def run_file(model: Model, input_shape, path, x, *, preprocessing=None) -> np.ndarray:
+    """Loads a state dict file into `torch_module` (strictly) and runs it on `x`, after
+    `preprocessing` (applied here, in numpy, as a user of the file would)."""
     net = torch_module(model, input_shape)
     net.load_state_dict(load_state_dict(path), strict=True)
     with torch.no_grad():
-        return net(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+        return net(_preprocessed(x, preprocessing)).numpy()
+
+
+class Preprocess(nn.Module):
+    """A preprocessing block's steps (`fml.preprocessing`) as a torch module (float32)."""
+
+    def __init__(self, block: dict):
+        super().__init__()
+        self.block = block
+        self.steps = preprocessing_lib.transforms(
+            block, asarray=lambda v: torch.tensor(v, dtype=torch.float32)
+        )
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def deployable_module(model: Model, params, input_shape, preprocessing=None) -> nn.Module:
+    """`torch_module` with `params` loaded and `preprocessing` in front, in eval mode: it
+    takes raw inputs `[B, *raw_shape]`."""
+    net = torch_module(model, input_shape)
+    net.load_state_dict(to_state_dict(model, params, input_shape), strict=True)
+    block = preprocessing or preprocessing_lib.identity(input_shape)
+    return nn.Sequential(Preprocess(block), net).eval()
+
+
+def dynamic_dims(model: Model, input_shape, preprocessing=None) -> dict:
+    """`torch.export` dims of the input: the batch, and an RNN's time axis when the
+    raw input is the model's."""
+    block = preprocessing or preprocessing_lib.identity(input_shape)
+    dims = {0: torch.export.Dim("batch")}
+    if model.family == "rnn" and tuple(block["raw_shape"]) == tuple(input_shape):
+        dims[1] = torch.export.Dim("time")
+    return dims
+
+
+def write_program(model: Model, params, input_shape, path, *, preprocessing=None) -> None:
+    """Writes `deployable_module(...)` as a `torch.export` program (`.pt2`, dynamic
+    batch): `torch.export.load(path).module()(x)` runs it without fml."""
+    net = deployable_module(model, params, input_shape, preprocessing)
+    block = preprocessing or preprocessing_lib.identity(input_shape)
+    example = torch.zeros((2, *block["raw_shape"]))
+    dims = dynamic_dims(model, input_shape, block)
+    if 1 in dims:  # an RNN's time axis: dynamic where the module allows it (Dim.AUTO)
+        dims[1] = torch.export.Dim.AUTO
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=(dims,))
+    torch.export.save(program, str(path))
+
+
+def run_program(model: Model, input_shape, path, x, *, preprocessing=None) -> np.ndarray:
+    """Loads the `.pt2` program at `path` with `torch.export.load` and runs it on `x`."""
+    del model, input_shape, preprocessing  # the program holds them
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return module(torch.from_numpy(np.asarray(x, np.float32))).numpy()

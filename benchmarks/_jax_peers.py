@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from benchmarks._harness import Runner
+from benchmarks._workloads import LSTM_HIDDEN, NUM_CLASSES, Workload, fml_model
 from fml import train
-from fml.bench._harness import Runner
-from fml.bench._workloads import LSTM_HIDDEN, NUM_CLASSES, Workload, fml_model
 
 LEARNING_RATE = 1e-3
 
