@@ -152,6 +152,7 @@ def on_platform(*args, cpu: Callable, native: Callable, platform: str | None = N
 def conv_nobias(x, w, strides: tuple, pads: tuple, *, platform: str | None = None):
     """XLA's convolution of channels-last `x` with `w`, explicit `(low, high)` pads;
     its gradient is im2col on CPU and native elsewhere (see `on_platform`)."""
+
     def cpu(x, w):
         return _conv(x, w, strides, pads)
 
@@ -424,7 +425,9 @@ def _reverse_within_lengths(x_BxTx, lengths_B):
     return jnp.take_along_axis(x_BxTx, index_BxT[..., None], axis=1)
 
 
-def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, lengths_B=None):
+def scan_rnn(
+    cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, lengths_B=None, unroll: int = 1
+):
     """Runs `cell` over time with one `lax.scan`.
 
     Args:
@@ -435,6 +438,7 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
       lengths_B: optional valid lengths; steps at or past a sequence's length leave
         its carry unchanged and output zeros. Reversal is within each length, as
         PyTorch's packed sequences do.
+      unroll: time steps per loop iteration (`lax.scan`'s `unroll`).
 
     Returns:
       `(carry, h_BxTxH)`: the final carry (for LSTM `(h, c)`) and every output,
@@ -453,7 +457,7 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
         def body(carry, gx_BxH):
             return cell.step(params, carry, gx_BxH)
 
-        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxH, reverse=scan_reverse)
+        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxH, reverse=scan_reverse, unroll=unroll)
     else:
         valid_TxB = jnp.arange(steps)[:, None] < lengths_B[None, :]
 
@@ -464,7 +468,7 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
             new_carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_carry, carry)
             return new_carry, jnp.where(keep, h_BxH, 0.0)
 
-        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxH, valid_TxB))
+        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxH, valid_TxB), unroll=unroll)
     h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
     if reverse and lengths_B is not None:
         h_BxTxH = _reverse_within_lengths(h_BxTxH, lengths_B)

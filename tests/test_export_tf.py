@@ -157,3 +157,28 @@ def test_verified_export_replaces_only_on_success(tmp_path, monkeypatch):
         export(model, params, path, to="savedmodel", input_shape=input_shape)
     assert sorted(p.name for p in path.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]
+
+
+@pytest.mark.parametrize("name", ["cnn2d_same_pools", "cnn1d_valid_max", "cnn2d_valid_max"])
+def test_pooling_cnn_saved_model_converts_to_tflite(name, tmp_path):
+    """A pooling CNN's SavedModel (every platform's branch in it) converts to TFLite —
+    its pools are slices and `reduce_window`s, no dynamic gather — and the TFLite
+    interpreter reproduces fml's forward pass, at two batch sizes."""
+    import tensorflow as tf
+
+    _, model, input_shape = CASES[IDS.index(name)]
+    params = random_params(model, input_shape)
+    write_saved_model(model, params, input_shape, tmp_path / name)
+    flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / name)).convert()
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    (entry,) = interpreter.get_input_details()
+    for batch in (5, 2):
+        x = probe(input_shape, batch)
+        interpreter.resize_tensor_input(entry["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(entry["index"], x)
+        interpreter.invoke()
+        got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        diff = max_diff(got, fml_forward(model, params, x))
+        print(f"tflite {name} batch {batch}: max abs diff {diff:.2e}")
+        assert diff <= TOLERANCE

@@ -122,7 +122,7 @@ def test_pool_gradients_match_torch(platform):
     x = RNG.normal(size=(2, 7, 7, 3)).astype(np.float32)
     xt = _torch(x).clone().requires_grad_(True)
     for fml_pool, torch_pool in [(layers.max_pool, F.max_pool2d), (layers.avg_pool, F.avg_pool2d)]:
-        grad = jax.grad(lambda x: jnp.sum(fml_pool(x, 3, 2, platform=platform) ** 2))(x)
+        grad = jax.grad(lambda x, pool=fml_pool: jnp.sum(pool(x, 3, 2, platform=platform) ** 2))(x)
         xt.grad = None
         (torch_pool(xt, 3, 2) ** 2).sum().backward()
         np.testing.assert_allclose(grad, _channels_last(xt.grad), atol=1e-5)

@@ -16,6 +16,9 @@ from fml.errors import require
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
+# Where a SavedModel runs by default: its one `XlaCallModule` op holds a program
+# for each, chosen by TensorFlow when it runs.
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def _polymorphic_input(model: Model, input_shape) -> tuple[str, list]:
@@ -26,7 +29,7 @@ def _polymorphic_input(model: Model, input_shape) -> tuple[str, list]:
 
 
 def write_saved_model(
-    model: Model, params, input_shape, path, *, platforms=("cpu", "cuda")
+    model: Model, params, input_shape, path, *, platforms=PLATFORMS
 ) -> None:
     """Writes `model` with `params` as a SavedModel directory at `path` (unverified;
     `to_saved_model` verifies and writes atomically)."""
@@ -67,7 +70,7 @@ def to_saved_model(
     path,
     *,
     input_shape,
-    platforms=("cpu", "cuda"),
+    platforms=PLATFORMS,
     tolerance: float | None = None,
 ):
     """Exports a SavedModel, verified against fml on a probe batch, written atomically.
