@@ -365,15 +365,23 @@ def cell_init(key, gates: int, in_features: int, hidden: int, dtype=jnp.float32)
 
 def project(params: dict, x_TxBxD, gates: int) -> tuple:
     """The input half of every gate, `x @ weight_ih.T + bias_ih`, as one
-    `[T, B, H]` array per gate."""
-    weights = jnp.split(params["weight_ih"], gates)
-    biases = jnp.split(params["bias_ih"], gates)
-    return tuple(add_bias(x_TxBxD @ w.T, b) for w, b in zip(weights, biases))
+    `[T, B, H]` array per gate: the matmul in the weights' dtype (the compute
+    dtype), accumulated and returned in float32 at least, like the carry."""
+    w_ih = params["weight_ih"]
+    out = jnp.promote_types(w_ih.dtype, jnp.float32)
+    x_TxBxD = x_TxBxD.astype(w_ih.dtype)
+    return tuple(
+        add_bias(jnp.matmul(x_TxBxD, w.T, preferred_element_type=out), b.astype(out))
+        for w, b in zip(jnp.split(w_ih, gates), jnp.split(params["bias_ih"], gates))
+    )
 
 
 def _recurrent_half(params, h, gates: int) -> list:
-    """`h @ weight_hh.T + bias_hh` (one matmul), split per gate."""
-    return jnp.split(add_bias(h @ params["weight_hh"].T, params["bias_hh"]), gates, axis=-1)
+    """`h @ weight_hh.T + bias_hh` (one matmul), split per gate: the matmul in the
+    weights' dtype, accumulated and returned in the carry's (float32 at least)."""
+    w = params["weight_hh"]
+    gh = jnp.matmul(h.astype(w.dtype), w.T, preferred_element_type=h.dtype)
+    return jnp.split(add_bias(gh, params["bias_hh"].astype(h.dtype)), gates, axis=-1)
 
 
 def _simple_step(params, h, gx):
@@ -442,14 +450,16 @@ def scan_rnn(
 
     Returns:
       `(carry, h_BxTxH)`: the final carry (for LSTM `(h, c)`) and every output,
-      in the original time order.
+      in the original time order, float32 (or float64) whatever the compute dtype
+      of `params` and `x_BxTxD`: only the matmuls run in that dtype.
     """
     batch, steps, _ = x_BxTxD.shape
     hidden = params["weight_hh"].shape[1]
     if reverse and lengths_B is not None:
         x_BxTxD = _reverse_within_lengths(x_BxTxD, lengths_B)
     gx_TxBxH = project(params, jnp.swapaxes(x_BxTxD, 0, 1), cell.gates)
-    carry = cell.zero_carry(batch, hidden, x_BxTxD.dtype)
+    # The carry is float32 at least: a bfloat16 state loses digits at every step.
+    carry = cell.zero_carry(batch, hidden, jnp.promote_types(x_BxTxD.dtype, jnp.float32))
     scan_reverse = reverse and lengths_B is None
 
     if lengths_B is None:

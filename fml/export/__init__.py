@@ -3,7 +3,8 @@ ONNX, each proven numerically against fml's own forward pass.
 
 `export(model, params, path, to=..., input_shape=...)` writes the artifact into a
 temporary sibling of `path`, loads it back with the target framework, runs it on
-a probe batch and compares with `model.apply`. Only if the max abs diff is within
+a probe batch and compares with `model.apply` (in float32, at `highest` matmul
+precision: `fml.export.reference`). Only if the max abs diff is within
 tolerance is the artifact renamed into place; otherwise `ExportError` is raised
 and nothing is left behind (an existing file at `path` is untouched).
 
@@ -31,11 +32,11 @@ import shutil
 import tempfile
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from fml._model import Model
 from fml.errors import ExportError, unknown
+from fml.export.reference import float32_model, reference
 
 
 class Target(NamedTuple):
@@ -111,6 +112,8 @@ def export(
         target's relative tolerance (1e-4, ONNX 1e-3) times `max(1, max |y|)`.
       **options: passed to the target's writer (e.g. `platforms` for "savedmodel").
 
+    A model with a reduced compute dtype is exported in float32 (its params are).
+
     Returns:
       `Exported(target, path, max_abs_diff, tolerance)`.
 
@@ -123,7 +126,8 @@ def export(
     target = TARGETS[to]
     path = pathlib.Path(path)
     x = probe_batch(input_shape)
-    want = np.asarray(jax.jit(model.apply)(params, x))
+    want = np.asarray(reference(model)(params, x))
+    model = float32_model(model)
     if tolerance is None:
         tolerance = target.tolerance * max(1.0, float(np.max(np.abs(want), initial=0.0)))
     with _staged(path) as staged:

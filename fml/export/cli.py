@@ -1,6 +1,11 @@
-"""`fml export RUN_DIR --to torch|safetensors|savedmodel|onnx [--out PATH]`."""
+"""`fml export RUN_DIR --to torch|safetensors|savedmodel|onnx [--out PATH]
+[--platforms cpu cuda tpu]`."""
 
 import pathlib
+
+from fml.errors import ConfigError
+
+SAVED_MODEL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def add_export(subparsers) -> None:
@@ -27,6 +32,14 @@ def add_export(subparsers) -> None:
         default=None,
         help="max abs diff allowed against fml (default: 1e-4, ONNX 1e-3, times the output scale)",
     )
+    p.add_argument(
+        "--platforms",
+        nargs="+",
+        choices=SAVED_MODEL_PLATFORMS,
+        default=None,
+        help="savedmodel only: the platforms its program is serialised for "
+        "(default: cpu cuda tpu)",
+    )
     p.set_defaults(run=run_export)
 
 
@@ -34,6 +47,11 @@ def run_export(args) -> None:
     from fml.export import TARGETS, export
     from fml.rundir import load_run
 
+    options = {}
+    if args.platforms is not None:
+        if args.to != "savedmodel":
+            raise ConfigError(f"--platforms is for --to savedmodel, got --to {args.to}")
+        options["platforms"] = tuple(args.platforms)
     model, params, config = load_run(args.run_dir)
     out = args.out or pathlib.Path(args.run_dir) / "export" / TARGETS[args.to].filename
     result = export(
@@ -43,6 +61,7 @@ def run_export(args) -> None:
         to=args.to,
         input_shape=tuple(config["input_shape"]),
         tolerance=args.tolerance,
+        **options,
     )
     print(
         f"exported {model.family} to {args.to} at {result.path}: max abs diff vs fml on a "

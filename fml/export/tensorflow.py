@@ -13,6 +13,7 @@ import numpy as np
 
 from fml._model import Model
 from fml.errors import require
+from fml.export.reference import float32_model, highest_precision
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
@@ -32,13 +33,15 @@ def write_saved_model(
     model: Model, params, input_shape, path, *, platforms=PLATFORMS
 ) -> None:
     """Writes `model` with `params` as a SavedModel directory at `path` (unverified;
-    `to_saved_model` verifies and writes atomically)."""
+    `to_saved_model` verifies and writes atomically). Its program computes in
+    float32 at `highest` matmul precision on every platform (no TF32 on a GPU)."""
     tf = require("tensorflow", "tf")
     from jax.experimental import jax2tf
 
     poly, shape = _polymorphic_input(model, tuple(input_shape))
+    model = float32_model(model)
     apply = jax2tf.convert(
-        jax.jit(lambda p, x: model.apply(p, x)),
+        jax.jit(highest_precision(lambda p, x: model.apply(p, x))),
         polymorphic_shapes=[None, poly],
         native_serialization_platforms=tuple(platforms),
     )
