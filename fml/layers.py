@@ -226,18 +226,18 @@ def _window_slices(x, window, stride, first_axis: int = 1):
     spatial axes start at `first_axis` (1 for channels-last `x`).
 
     Taking max/mean over these slices is much faster on XLA:CPU than
-    `reduce_window`, whose max gradient dominates small CNN steps. The slices are
-    `lax.slice`s of the spatial axes only: under a symbolic batch (a SavedModel's)
-    they stay slices, where `x[:, a:b:s]` becomes a dynamic gather that TFLite
-    cannot convert.
+    `reduce_window`, whose max gradient dominates small CNN steps. Each is one
+    `lax.slice`: under a symbolic batch (a SavedModel's) it stays a slice, where
+    `x[:, a:b:s]` becomes a dynamic gather that TFLite cannot convert.
     """
     spatial = x.shape[first_axis : first_axis + len(window)]
     out = [(n - w) // s + 1 for n, w, s in zip(spatial, window, stride)]
+    lead, trail = x.shape[:first_axis], x.shape[first_axis + len(window) :]
+    strides = (1,) * len(lead) + tuple(stride) + (1,) * len(trail)
     for offsets in itertools.product(*(range(w) for w in window)):
-        y = x
-        for axis, o, s, n in zip(itertools.count(first_axis), offsets, stride, out):
-            y = lax.slice_in_dim(y, o, o + s * (n - 1) + 1, s, axis=axis)
-        yield y
+        starts = (0,) * len(lead) + offsets + (0,) * len(trail)
+        ends = [o + s * (n - 1) + 1 for o, s, n in zip(offsets, stride, out)]
+        yield lax.slice(x, starts, (*lead, *ends, *trail), strides)
 
 
 def _pool_geometry(x, window, stride, padding):
