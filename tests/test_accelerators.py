@@ -65,8 +65,9 @@ def _lowered(fn, *args, platforms) -> str:
 
 @pytest.mark.parametrize("name,model,input_shape,regression", CASES, ids=IDS)
 def test_train_step_and_fused_epoch_lower_for_gpu_and_tpu(name, model, input_shape, regression):
-    """Both programs lower for cuda and tpu in one multi-platform export, with no
-    platform conditional left in them (both platforms take the native path)."""
+    """Both programs lower for cuda and tpu in one multi-platform export (both take
+    the native path), with no custom call but sharding annotations (nothing that
+    only one backend provides)."""
     step, state, x, y = _step_and_args(model, input_shape, regression, batch=32)
     mask = jax.ShapeDtypeStruct((32,), jnp.float32)
     step_text = _lowered(step, state, {"x": x, "y": y, "mask": mask}, platforms=ACCELERATORS)

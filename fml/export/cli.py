@@ -37,8 +37,7 @@ def add_export(subparsers) -> None:
         nargs="+",
         choices=SAVED_MODEL_PLATFORMS,
         default=None,
-        help="savedmodel only: the platforms its program is serialised for "
-        "(default: cpu cuda tpu)",
+        help="savedmodel only: the platforms its program is serialised for (default: cpu cuda tpu)",
     )
     p.set_defaults(run=run_export)
 

@@ -29,9 +29,7 @@ def _polymorphic_input(model: Model, input_shape) -> tuple[str, list]:
     return "(b, ...)", [None, *input_shape]
 
 
-def write_saved_model(
-    model: Model, params, input_shape, path, *, platforms=PLATFORMS
-) -> None:
+def write_saved_model(model: Model, params, input_shape, path, *, platforms=PLATFORMS) -> None:
     """Writes `model` with `params` as a SavedModel directory at `path` (unverified;
     `to_saved_model` verifies and writes atomically). Its program computes in
     float32 at `highest` matmul precision on every platform (no TF32 on a GPU)."""
