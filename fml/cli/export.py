@@ -1,10 +1,13 @@
-"""`fml export RUN_DIR --to torch,pt2,savedmodel,tflite,onnx,safetensors [--out PATH]`."""
+"""`fml export RUN_DIR --to torch,pt2,savedmodel,tflite,onnx,safetensors [--out PATH]
+[--platforms cpu cuda tpu]`."""
 
 import pathlib
 
 from fml import rundir
 from fml.errors import ConfigError, unknown
 from fml.export import PROGRAMS, TARGETS, export
+
+SAVED_MODEL_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def add_export(subparsers) -> None:
@@ -36,6 +39,13 @@ def add_export(subparsers) -> None:
         default=None,
         help="max abs diff allowed against fml (default: 1e-4, ONNX 1e-3, times the output scale)",
     )
+    p.add_argument(
+        "--platforms",
+        nargs="+",
+        choices=SAVED_MODEL_PLATFORMS,
+        default=None,
+        help="savedmodel only: the platforms its program is serialised for (default: cpu cuda tpu)",
+    )
     p.set_defaults(run=run_export)
 
 
@@ -46,6 +56,9 @@ def run_export(args) -> None:
             raise unknown("export target", target, TARGETS)
     if args.out and len(targets) != 1:
         raise ConfigError(f"--out names one file; got {len(targets)} targets ({args.to})")
+    platforms = getattr(args, "platforms", None)
+    if platforms is not None and "savedmodel" not in targets:
+        raise ConfigError(f"--platforms is for --to savedmodel, got --to {args.to}")
     model, params, config = rundir.load_run(args.run_dir)
     block = rundir.load_preprocessing(args.run_dir, config["input_shape"])
     for target in targets:
@@ -58,6 +71,7 @@ def run_export(args) -> None:
             input_shape=tuple(config["input_shape"]),
             tolerance=args.tolerance,
             preprocessing=block,
+            **({"platforms": tuple(platforms)} if platforms and target == "savedmodel" else {}),
         )
         print(
             f"exported {model.family} to {target} at {result.path}: max abs diff vs fml on a "

@@ -4,6 +4,7 @@
 import dataclasses
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 
 from fml import preprocessing as preprocessing_lib
@@ -229,7 +230,7 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
     x, y = as_array(x, "x", where), as_array(y, "y", where)
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{where}: expected at least one example, got x of shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too (numpy says no)
         raise DTypeError(f"{where}: expected floating-point x, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ShapeError(f"{where}: expected x of shape (N, features...), got {x.shape}")
@@ -246,7 +247,7 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
         if y.ndim not in (1, 2):
             raise ShapeError(f"{where}: expected labels of shape (N,) (or (N, T)), got {y.shape}")
         check_labels(y, num_outputs, where)
-    elif not np.issubdtype(y.dtype, np.floating):
+    elif not jnp.issubdtype(y.dtype, jnp.floating):
         raise DTypeError(
             f"{where}: expected floating-point regression targets, got dtype {y.dtype}"
         )

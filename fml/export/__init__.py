@@ -3,7 +3,8 @@ ONNX, each proven numerically against fml's own forward pass.
 
 `export(model, params, path, to=..., input_shape=...)` writes the artifact into a
 temporary sibling of `path`, loads it back with the target framework, runs it on
-a probe batch and compares with `model.apply`. Only if the max abs diff is within
+a probe batch and compares with `model.apply` (in float32, at `highest` matmul
+precision: `fml.export.reference`). Only if the max abs diff is within
 tolerance is the artifact renamed into place; otherwise `ExportError` is raised
 and nothing is left behind (an existing file at `path` is untouched).
 
@@ -39,12 +40,12 @@ import shutil
 import tempfile
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from fml import preprocessing as preprocessing_lib
 from fml._model import Model
 from fml.errors import ExportError, unknown
+from fml.export.reference import float32_model, reference
 from fml.rundir import atomic_write
 
 
@@ -129,6 +130,8 @@ def export(
         `fml.load(run).preprocessing`) whose output shape is `input_shape`; see above.
       **options: passed to the target's writer (e.g. `platforms` for "savedmodel").
 
+    A model with a reduced compute dtype is exported in float32 (its params are).
+
     Returns:
       `Exported(target, path, max_abs_diff, tolerance)`.
 
@@ -149,7 +152,8 @@ def export(
     if not preprocessing_lib.is_identity(block):
         options["preprocessing"] = block
     x = preprocessing_lib.invert(block, probe_batch(input_shape))  # raw inputs
-    want = np.asarray(jax.jit(model.apply)(params, preprocessing_lib.apply(block, x)))
+    want = np.asarray(reference(model)(params, preprocessing_lib.apply(block, x)))
+    model = float32_model(model)
     if tolerance is None:
         tolerance = target.tolerance * max(1.0, float(np.max(np.abs(want), initial=0.0)))
     with _staged(path) as staged:

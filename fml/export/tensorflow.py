@@ -22,9 +22,13 @@ import numpy as np
 from fml import preprocessing as preprocessing_lib
 from fml._model import Model
 from fml.errors import ExportError, require
+from fml.export.reference import float32_model, highest_precision
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
+# Where a SavedModel runs by default: its one `XlaCallModule` op holds a program
+# for each, chosen by TensorFlow when it runs.
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def _polymorphic_input(model: Model, input_shape, raw_shape) -> tuple[str, list]:
@@ -48,18 +52,20 @@ def _with_preprocessing(model: Model, block):
 
 
 def write_saved_model(
-    model: Model, params, input_shape, path, *, platforms=("cpu", "cuda"), preprocessing=None
+    model: Model, params, input_shape, path, *, platforms=PLATFORMS, preprocessing=None
 ) -> None:
     """Writes `model` with `params` (after `preprocessing`'s steps, when given) as a
     SavedModel directory at `path` (unverified; `to_saved_model` verifies and writes
-    atomically)."""
+    atomically). Its program computes in float32 at `highest` matmul precision on
+    every platform (no TF32 on a GPU)."""
     tf = require("tensorflow", "tf")
     from jax.experimental import jax2tf
 
     block = preprocessing or preprocessing_lib.identity(input_shape)
     poly, shape = _polymorphic_input(model, tuple(input_shape), block["raw_shape"])
+    model = float32_model(model)
     apply = jax2tf.convert(
-        jax.jit(_with_preprocessing(model, block)),
+        jax.jit(highest_precision(_with_preprocessing(model, block))),
         polymorphic_shapes=[None, poly],
         native_serialization_platforms=tuple(platforms),
     )
@@ -91,7 +97,7 @@ def to_saved_model(
     path,
     *,
     input_shape,
-    platforms=("cpu", "cuda"),
+    platforms=PLATFORMS,
     tolerance: float | None = None,
 ):
     """Exports a SavedModel, verified against fml on a probe batch, written atomically.
