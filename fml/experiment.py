@@ -26,7 +26,8 @@ import numpy as np
 
 from fml import data as data_lib
 from fml import plots, rundir
-from fml.errors import ConfigError, FmlError
+from fml.errors import CheckpointError, ConfigError, FmlError
+from fml.lock import run_lock
 from fml.models import presets
 from fml.train import evaluate, fit
 
@@ -161,6 +162,11 @@ def train_and_evaluate(
     Returns:
       a `RunResult`.
     """
+    with run_lock(workdir, writer=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir, log=log, checkpoint=checkpoint, resume=resume)
+
+
+def _train_and_evaluate(config: dict, workdir, *, log, checkpoint: bool, resume: bool):
     dataset, used = load_data(config, log=log)
     model = build_model(config, dataset)
     config = {
@@ -231,7 +237,12 @@ def evaluate_run(run_dir, dataset: str | None = None) -> dict:
       the saved `history.json["test"]` exactly.
     """
     model, params, config = rundir.load_run(run_dir)
-    name = dataset or config["dataset"]
+    name = dataset or config.get("dataset")
+    if not isinstance(name, str):
+        raise CheckpointError(
+            f"{pathlib.Path(run_dir) / 'config.json'}: expected a 'dataset' name, got {name!r}; "
+            "pass dataset= to evaluate on another data set"
+        )
     data = data_lib.load(name, validation=config.get("validation", 0.0))
     if tuple(data.input_shape) != tuple(config["input_shape"]):
         raise ConfigError(
