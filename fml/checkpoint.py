@@ -214,8 +214,11 @@ def _is_metric(value) -> bool:
 META_FIELDS = {
     "spec": (lambda v: isinstance(v, dict), "a model spec object"),
     "config": (
-        lambda v: isinstance(v, dict) and isinstance(v.get("input_shape"), list)
-        and all(_is_int(d) and d > 0 for d in v["input_shape"]),
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("input_shape"), list)
+            and all(_is_int(d) and d > 0 for d in v["input_shape"])
+        ),
         "a config object with an 'input_shape' list of positive ints",
     ),
     "sha256": (lambda v: isinstance(v, str), "a hex digest"),
@@ -229,15 +232,22 @@ META_FIELDS = {
         "an object of per-epoch metric lists",
     ),
     "epoch_metrics": (
-        lambda v: v is None or isinstance(v, dict) and all(
-            isinstance(m, list) and all(_is_number(x) for x in m) for m in v.values()
-        )
-        and len({len(m) for m in v.values()}) <= 1,
+        lambda v: (
+            v is None
+            or isinstance(v, dict)
+            and all(isinstance(m, list) and all(_is_number(x) for x in m) for m in v.values())
+            and len({len(m) for m in v.values()}) <= 1
+        ),
         "an object of equally long per-step metric lists",
     ),
     "best": (
-        lambda v: v is None or isinstance(v, dict) and set(v) == {"loss", "epoch"}
-        and _is_number(v["loss"]) and _is_int(v["epoch"]),
+        lambda v: (
+            v is None
+            or isinstance(v, dict)
+            and set(v) == {"loss", "epoch"}
+            and _is_number(v["loss"])
+            and _is_int(v["epoch"])
+        ),
         'null or {"loss": number, "epoch": int}',
     ),
     "stopped": (lambda v: isinstance(v, bool), "true or false"),

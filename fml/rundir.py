@@ -110,6 +110,8 @@ def npz_header(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 info.filename.removesuffix(".npy"): _member_header(archive, info, path)
                 for info in archive.infolist()
             }
+    except CheckpointError:
+        raise
     except FileNotFoundError as e:
         raise CheckpointError(f"no params file at {path}") from e
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
@@ -233,7 +235,9 @@ def check_input_shape(config: dict, where) -> tuple[int, ...]:
         and shape
         and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
     ):
-        raise CheckpointError(f"{where}: expected an 'input_shape' list of positive ints, got {shape!r}")
+        raise CheckpointError(
+            f"{where}: expected an 'input_shape' list of positive ints, got {shape!r}"
+        )
     return tuple(shape)
 
 

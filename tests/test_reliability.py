@@ -3,7 +3,6 @@ the field, checkpoint metadata is covered by its checksum, memory is bounded by
 the input (headers are checked before arrays are read), a run directory has one
 writer at a time, killed exports are repaired, a full disk is an fml error."""
 
-import contextlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from _faults import file_size_limit
 
 import fml
 from fml import checkpoint, experiment, rundir
@@ -213,7 +213,9 @@ def test_float8_or_complex_state_dict_is_refused(dtype):
     params = MLP.init(jax.random.key(0), (4,))
     state = fml_torch.to_state_dict(MLP, params, (4,))
     state["dense_0.weight"] = state["dense_0.weight"].to(dtype)
-    with pytest.raises(CheckpointError, match=f"'dense_0.weight': expected a tensor of one of .*{dtype}"):
+    with pytest.raises(
+        CheckpointError, match=f"'dense_0.weight': expected a tensor of one of .*{dtype}"
+    ):
         fml_torch.from_state_dict(MLP, state, (4,))
     with pytest.raises(CheckpointError, match="expected a state dict"):
         fml_torch.from_state_dict(MLP, [1, 2], (4,))
@@ -254,24 +256,14 @@ def test_cnn_on_an_empty_batch_gives_an_empty_output():
 # ------------------------------------------------------------------ a full disk
 
 
-@contextlib.contextmanager
-def file_size_limit(num_bytes: int):
-    """Writes past `num_bytes` fail with EFBIG, as on a full disk (SIGXFSZ ignored)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
 def test_full_disk_while_writing_a_run_directory_keeps_the_old_files(copy):
     before = (copy / "params.npz").read_bytes()
     big = fml.models.mlp([512, 3])
     params = big.init(jax.random.key(0), (4,))
-    with file_size_limit(4096), pytest.raises(CheckpointError, match="could not write .*params.npz"):
+    with (
+        file_size_limit(4096),
+        pytest.raises(CheckpointError, match="could not write .*params.npz"),
+    ):
         rundir.save_run(copy, model=big, params=params, config={"input_shape": [4]})
     assert (copy / "params.npz").read_bytes() == before
     assert not [p for p in copy.iterdir() if p.name.startswith(".params.npz")]
@@ -282,7 +274,10 @@ def test_full_disk_while_exporting_is_an_export_error(tmp_path, to):
     big = fml.models.mlp([512, 3])
     params = big.init(jax.random.key(0), (4,))
     path = tmp_path / f"model.{to}"
-    with file_size_limit(4096), pytest.raises(ExportError, match=f"could not write the {to} export"):
+    with (
+        file_size_limit(4096),
+        pytest.raises(ExportError, match=f"could not write the {to} export"),
+    ):
         export(big, params, path, to=to, input_shape=(4,))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no file, no staging, no lock
 
@@ -297,9 +292,9 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
                              env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     try:
         assert other.stdout.readline() == "locked\n"
-        with pytest.raises(CheckpointError, match=f"another process \\(pid {other.pid} on host "):
-            with run_lock(tmp_path):
-                pass
+        match = f"another process \\(pid {other.pid} on host "
+        with pytest.raises(CheckpointError, match=match), run_lock(tmp_path):
+            pass
         assert holder(tmp_path)["pid"] == other.pid
     finally:
         other.kill()
@@ -320,7 +315,17 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 def test_two_fml_train_with_the_same_out_never_mix(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "fml", "train", "mlp", "--dataset", "digits", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "fml",
+        "train",
+        "mlp",
+        "--dataset",
+        "digits",
+        "--out",
+        str(out),
+    ]
     first = subprocess.Popen([*command, "--epochs", "40", "--seed", "1"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -419,8 +424,6 @@ def test_host_fed_pmap_epochs_of_63_steps_run_to_the_end():
     # process within the first 16 steps (an all-reduce short of one of 8 threads).
     data = fml.data.load("mnist1d")
     model = fml.models.mlp([512, 512, 10], dropout=0.5)
-    state, history = fml.fit(
-        model, data, batch_size=64, epochs=2, parallel="pmap", quiet=True
-    )
+    state, history = fml.fit(model, data, batch_size=64, epochs=2, parallel="pmap", quiet=True)
     assert int(state.step) == 2 * 63
     assert history["train_loss"][1] < history["train_loss"][0] < np.log(10) + 0.5
