@@ -460,7 +460,7 @@ def _(ctx):
     experiment.evaluate_run(ctx.run_dir)
 
 
-@row("state-dict-float8", CheckpointError, "'dense_0.weight': expected a tensor of one of")
+@row("state-dict-float8", CheckpointError, "'dense_0.weight': expected a float tensor")
 def _(ctx):
     torch = pytest.importorskip("torch")
     from fml.export import torch as fml_torch

@@ -471,8 +471,8 @@ def _to_numpy(value, key: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
-                f"state dict key {key!r}: expected a tensor of one of {list(FLOAT_DTYPES)}, "
-                f"got dtype {value.dtype}"
+                f"state dict key {key!r}: expected a float tensor, got dtype {value.dtype} "
+                f"(fml reads {', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)})"
             )
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
