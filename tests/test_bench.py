@@ -1,8 +1,6 @@
 """The benchmark's smoke test: structure of a quick run, and fml's timed step
 computing what the hand-written pure-JAX reference computes."""
 
-import argparse
-
 import numpy as np
 import pytest
 
@@ -44,6 +42,8 @@ def test_quick_run_structure():
 
 def test_bench_is_a_cli_command_and_checks_names():
     args = cli.build_parser().parse_args(["bench", "--models", "resnet"])
+    assert args.run is bench.main and args.quick is False and args.repeats == 7
     with pytest.raises(UnknownNameError, match="resnet"):
         args.run(args)
-    assert isinstance(args, argparse.Namespace) and args.quick is False
+    args = cli.build_parser().parse_args(["bench", "--quick", "--repeats", "5", "--models", "mlp"])
+    assert (args.quick, args.repeats, args.models) == (True, 5, "mlp")
