@@ -624,8 +624,8 @@ def initialize(
     finally:
         warning.cancel()
     try:
-        check_agreement(cluster, timeout_s=timeout_s)
         check_devices_per_process(jax.devices())
+        check_agreement(cluster, timeout_s=timeout_s)
     except DistributedError:
         jax.distributed.shutdown()
         raise

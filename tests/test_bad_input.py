@@ -240,6 +240,19 @@ def _(ctx):
 # ------------------------------------------------------------------ checkpoints and run directories
 
 
+def _resume(ctx, model, data, *, epochs=2, batch_size=8):
+    """Resumes the run in `ctx.run_dir` with `model` on `data`."""
+    return fml.fit(
+        model,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        quiet=True,
+        checkpoint_dir=ctx.run_dir,
+        resume=True,
+    )
+
+
 def _meta_file(ctx) -> pathlib.Path:
     return ctx.run_dir / "checkpoints" / "8" / "meta" / "metadata"
 
@@ -323,51 +336,19 @@ def _(ctx):
 )
 def _(ctx):
     _edit_meta(ctx, lambda m: m.update(best={"loss": "low", "epoch": 1}))
-    fml.fit(
-        ctx.model,
-        ctx.data,
-        epochs=3,
-        batch_size=8,
-        quiet=True,
-        checkpoint_dir=ctx.run_dir,
-        resume=True,
-    )
+    _resume(ctx, ctx.model, ctx.data, epochs=3)
 
 
 @row("checkpoint-of-another-model", CheckpointError, "holds checkpoints of a different model")
 def _(ctx):
-    fml.fit(
-        fml.models.mlp([5, 3]),
-        ctx.data,
-        epochs=2,
-        batch_size=8,
-        quiet=True,
-        checkpoint_dir=ctx.run_dir,
-        resume=True,
-    )
+    _resume(ctx, fml.models.mlp([5, 3]), ctx.data)
 
 
 @row("resume-with-other-data-or-settings", CheckpointError, r"cannot resume .*batch_size: 8 -> 4")
 def _(ctx):
     with pytest.raises(CheckpointError, match="num_examples: 30 -> 29; data_sha256"):
-        fml.fit(
-            ctx.model,
-            (ctx.data[0][:29], ctx.data[1][:29]),
-            epochs=2,
-            batch_size=8,
-            quiet=True,
-            checkpoint_dir=ctx.run_dir,
-            resume=True,
-        )
-    fml.fit(
-        ctx.model,
-        ctx.data,
-        epochs=2,
-        batch_size=4,
-        quiet=True,
-        checkpoint_dir=ctx.run_dir,
-        resume=True,
-    )
+        _resume(ctx, ctx.model, (ctx.data[0][:29], ctx.data[1][:29]))
+    _resume(ctx, ctx.model, ctx.data, batch_size=4)
 
 
 @row("no-such-checkpoint", CheckpointError, r"no checkpoint step 99 .*have \[6, 8\]")

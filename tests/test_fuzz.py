@@ -94,6 +94,13 @@ def deadline(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def run_search(name, search):
+    """Runs a hypothesis search counted as `name` and checks it tried its quota."""
+    TRIED.pop(name, None)
+    search()
+    check_quota(name)
+
+
 def check_quota(name, quota=None):
     quota = EXAMPLES[name] if quota is None else quota
     assert TRIED.get(name, 0) >= quota, f"{name}: only {TRIED.get(name, 0)} inputs tried"
@@ -204,9 +211,7 @@ def test_fuzz_fit():
         with pytest.raises(FmlError):
             fml.fit(model, data, quiet=True, **kwargs)
 
-    TRIED.pop("fit", None)
-    search()
-    check_quota("fit")
+    run_search("fit", search)
 
 
 # ------------------------------------------------------------------ Model.apply
@@ -267,9 +272,7 @@ def test_fuzz_apply():
         with pytest.raises(FmlError):
             FAMILIES[family][0].apply(PARAMS[family], x)
 
-    TRIED.pop("apply", None)
-    search()
-    check_quota("apply")
+    run_search("apply", search)
 
 
 # ------------------------------------------------------------------ fml.data.load
@@ -297,9 +300,7 @@ def test_fuzz_load():
         with pytest.raises(FmlError):
             fml.data.load(name, **kwargs)
 
-    TRIED.pop("load", None)
-    search()
-    check_quota("load")
+    run_search("load", search)
 
 
 # ------------------------------------------------------------------ fml.checkpoint.restore
@@ -431,9 +432,7 @@ def test_fuzz_cli_arguments(capsys):
         assert parsed.value.code == ran.value.code == 2
         assert re.search(r"^fml( \S+)?: error: ", capsys.readouterr().err, flags=re.M)
 
-    TRIED.pop("cli", None)
-    search()
-    check_quota("cli")
+    run_search("cli", search)
 
 
 # ------------------------------------------------------------------ fml.data.BatchStream
@@ -482,9 +481,7 @@ def test_fuzz_stream():
             for _ in zip(range(3), stream):
                 pass
 
-    TRIED.pop("stream", None)
-    search()
-    check_quota("stream")
+    run_search("stream", search)
 
 
 # ------------------------------------------------------------------ fml.rundir.load_run
@@ -570,9 +567,7 @@ def test_fuzz_load_run(saved_run, tmp_path):
         assert jax.tree.map(np.shape, loaded) == jax.tree.map(np.shape, params)
         assert model.apply(loaded, X).shape == (12, 3)
 
-    TRIED.pop("load_run", None)
-    search()
-    check_quota("load_run")
+    run_search("load_run", search)
 
 
 # ------------------------------------------------------------------ state dicts and safetensors
@@ -619,9 +614,7 @@ def test_fuzz_from_state_dict():
         with pytest.raises(FmlError):
             fml_torch.from_state_dict(MLP, state, (4,))
 
-    TRIED.pop("state_dict", None)
-    search()
-    check_quota("state_dict")
+    run_search("state_dict", search)
 
 
 @pytest.fixture(scope="module")
@@ -651,9 +644,7 @@ def test_fuzz_safetensors(safetensors_file, tmp_path):
             return
         assert MLP.apply(params, X).shape == (12, 3)  # damage in the data bytes only
 
-    TRIED.pop("safetensors", None)
-    search()
-    check_quota("safetensors")
+    run_search("safetensors", search)
 
 
 # ------------------------------------------------------------------ command-line commands
@@ -701,6 +692,4 @@ def test_fuzz_cli_commands(saved_run, tmp_path, capsys):
         assert fml.cli.main(argv) == 2, argv
         assert re.search(r"^fml: error: ", capsys.readouterr().err, flags=re.M)
 
-    TRIED.pop("cli_commands", None)
-    search()
-    check_quota("cli_commands")
+    run_search("cli_commands", search)
