@@ -21,7 +21,8 @@ def check_stream_options(
     prefetch,
     workers,
 ) -> None:
-    """Raises `ConfigError` naming the first option of a `BatchStream` that is not valid."""
+    """Raises `ConfigError` naming the first option of a `BatchStream` that is not valid
+    (`shard_bounds` checks `process_index < process_count`)."""
     if not (hasattr(source, "read") and hasattr(source, "__len__")):
         raise ConfigError(
             f"expected a source with __len__ and read(index_B), got {type(source).__name__}"
@@ -55,7 +56,3 @@ def check_stream_options(
     for name, value, ok, what in checks:
         if not ok:
             raise ConfigError(f"expected {name} to be {what}, got {value!r}")
-    if process_index is not None and process_count is not None and process_index >= process_count:
-        raise ConfigError(
-            f"expected process_index < process_count, got {process_index} of {process_count}"
-        )
