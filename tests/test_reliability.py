@@ -339,7 +339,7 @@ def test_two_fml_train_with_the_same_out_never_mix(tmp_path):
         assert first.poll() is None, "the first run ended before the second tried"
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"being written by another process (pid {first.pid} on host" in second.stderr
-        assert time.monotonic() - started < 60
+        assert time.monotonic() - started < 90  # its start-up only: it trains nothing
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err[-2000:]
     finally:
