@@ -10,7 +10,9 @@ within it, both read off `state.step`. Layout, inside a run directory:
     state/   the state's arrays (orbax PyTree: params, opt_state, step,
              key data, hparams; and the best params when early stopping)
     meta/    JSON: spec, config, position, history so far, the current
-             epoch's per-step metrics, key implementation, a SHA-256 of the arrays
+             epoch's per-step metrics, key implementation, the SHA-256 of the
+             arrays ("arrays_sha256"), and a SHA-256 of all the rest ("sha256"),
+             so a changed byte of either is refused on restore
 
 orbax writes each step to a temporary directory and renames it into place, so
 a run killed mid-save leaves the previous checkpoint valid; the last `keep`
@@ -43,7 +45,10 @@ from fml.errors import CheckpointError, FmlError, TrainingError
 from fml.step import FULL_BATCH_OPTIMIZERS, OPTIMIZERS, TrainState, init_state, make_optimizer
 
 CHECKPOINTS = "checkpoints"
-FORMAT = 1
+# 1: "sha256" covers the arrays only; 2: "sha256" covers the metadata, whose
+# "arrays_sha256" covers the arrays.
+FORMAT = 2
+FORMATS = (1, 2)
 # The config entries that decide a run's trajectory: a resume must not change them.
 TRAJECTORY = (
     "optimizer",
@@ -177,6 +182,108 @@ def tree_sha256(tree) -> str:
     return digest.hexdigest()
 
 
+def meta_sha256(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata: its sorted JSON without the "sha256" entry."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _json_number(value):
+    """numpy scalars and arrays in metadata as plain JSON numbers and lists."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_metric(value) -> bool:
+    """A history entry: a number, a list of numbers, or a dict of numbers."""
+    if isinstance(value, list):
+        return all(_is_number(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_number(v) for v in value.values())
+    return _is_number(value)
+
+
+# The metadata entries a restore or resume reads, and what each must be.
+META_FIELDS = {
+    "spec": (lambda v: isinstance(v, dict), "a model spec object"),
+    "config": (
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("input_shape"), list)
+            and all(_is_int(d) and d > 0 for d in v["input_shape"])
+        ),
+        "a config object with an 'input_shape' list of positive ints",
+    ),
+    "sha256": (lambda v: isinstance(v, str), "a hex digest"),
+    "format": (lambda v: _is_int(v) and v in FORMATS, f"one of {list(FORMATS)}"),
+    "arrays_sha256": (lambda v: isinstance(v, str), "a hex digest"),
+    "step": (lambda v: _is_int(v) and v >= 0, "a step count"),
+    "key_impl": (lambda v: isinstance(v, str), "a PRNG implementation name"),
+    "has_best_params": (lambda v: isinstance(v, bool), "true or false"),
+    "history": (
+        lambda v: isinstance(v, dict) and all(_is_metric(m) for m in v.values()),
+        "an object of per-epoch metric lists",
+    ),
+    "epoch_metrics": (
+        lambda v: (
+            v is None
+            or isinstance(v, dict)
+            and all(isinstance(m, list) and all(_is_number(x) for x in m) for m in v.values())
+            and len({len(m) for m in v.values()}) <= 1
+        ),
+        "an object of equally long per-step metric lists",
+    ),
+    "best": (
+        lambda v: (
+            v is None
+            or isinstance(v, dict)
+            and set(v) == {"loss", "epoch"}
+            and _is_number(v["loss"])
+            and _is_int(v["epoch"])
+        ),
+        'null or {"loss": number, "epoch": int}',
+    ),
+    "stopped": (lambda v: isinstance(v, bool), "true or false"),
+}
+REQUIRED_META = ("spec", "config", "sha256")
+
+
+def check_meta(meta, where: str) -> dict:
+    """`meta` if its entries are well formed and (format 2) match its SHA-256.
+
+    Raises:
+      CheckpointError: an entry is missing or of the wrong type, or the metadata
+        was changed after it was saved; the message names the entry.
+    """
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: expected a metadata object, got {type(meta).__name__}")
+    required = (*REQUIRED_META, "arrays_sha256") if meta.get("format") == 2 else REQUIRED_META
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: metadata is incomplete: no {', '.join(missing)}")
+    checksum_first = ("format", "sha256")  # then a changed entry is named as such
+    for name in (*checksum_first, *(n for n in META_FIELDS if n not in checksum_first)):
+        ok, what = META_FIELDS[name]
+        if name in meta and not ok(meta[name]):
+            raise CheckpointError(
+                f"{where}: metadata entry {name!r} should be {what}, got {meta[name]!r:.200}"
+            )
+        if name == "sha256" and meta.get("format") == 2 and meta_sha256(meta) != meta["sha256"]:
+            raise CheckpointError(
+                f"{where}: its metadata does not match its SHA-256 (it was changed after saving)"
+            )
+    return meta
+
+
 def _mismatches(expected: dict, got: dict) -> list[str]:
     """The paths whose (shape, dtype) differ, params first."""
     paths = [p for p in sorted(set(expected) | set(got)) if expected.get(p) != got.get(p)]
@@ -283,8 +390,10 @@ class Checkpointer:
             "step": step,
             "key_impl": str(jax.random.key_impl(state.key)),
             "has_best_params": best_params is not None,
-            "sha256": tree_sha256(tree),
+            "arrays_sha256": tree_sha256(tree),
         }
+        meta = json.loads(json.dumps(meta, default=_json_number))  # as restore will read it
+        meta["sha256"] = meta_sha256(meta)
         args = self._ocp.args
         try:
             self._manager.save(
@@ -320,9 +429,7 @@ class Checkpointer:
             )["meta"]
         except Exception as e:
             raise self._corrupt(step, e) from e
-        if not isinstance(meta, dict) or not {"spec", "config", "sha256"} <= set(meta):
-            raise self._corrupt(step, ValueError(f"metadata is incomplete: {meta!r:.200}"))
-        return meta
+        return check_meta(meta, f"checkpoint step {step} in {self.directory}")
 
     def restore(self, step: int | None = None, *, optimizer=None) -> Restored:
         """Reads checkpoint `step` (default: the latest) back.
@@ -361,10 +468,18 @@ class Checkpointer:
             )["state"]
         except Exception as e:
             raise self._corrupt(step, e) from e
-        if tree_sha256(tree) != meta["sha256"]:
+        arrays_sha256 = meta["arrays_sha256"] if meta.get("format") == 2 else meta["sha256"]
+        if tree_sha256(tree) != arrays_sha256:
             raise self._corrupt(step, ValueError("its arrays do not match their SHA-256"))
         best_params = tree.pop("best_params", None)
-        key = jax.random.wrap_key_data(tree.pop("key"), impl=meta.get("key_impl", "threefry2x32"))
+        impl = meta.get("key_impl", "threefry2x32")
+        try:
+            key = jax.random.wrap_key_data(tree.pop("key"), impl=impl)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: its key data does not fit "
+                f"key_impl {impl!r}: {e}"
+            ) from e
         state = TrainState(**jax.device_put(tree), key=key)
         return Restored(model, state, step, meta, best_params)
 

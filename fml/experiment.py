@@ -27,8 +27,9 @@ import jax
 from fml import data as data_lib
 from fml import plots, rundir
 from fml import preprocessing as preprocessing_lib
-from fml.errors import ConfigError, DataError
+from fml.errors import CheckpointError, ConfigError, DataError
 from fml.inference import evaluate
+from fml.lock import run_lock
 from fml.models import default_loss, presets
 from fml.train import fit
 
@@ -230,8 +231,17 @@ def train_and_evaluate(
         "num_classes": dataset.num_classes,
         "device": device_description(),
     }
-    workdir = pathlib.Path(runs) / run_name(config) if workdir is None else workdir
-    workdir = rundir.prepare(workdir, resume=resume, overwrite=overwrite)
+    workdir = pathlib.Path(runs) / run_name(config) if workdir is None else pathlib.Path(workdir)
+    with run_lock(workdir, writer=jax.process_index() == 0):
+        workdir = rundir.prepare(workdir, resume=resume, overwrite=overwrite)
+        return _train(
+            config, dataset, model, workdir, checkpoint=checkpoint, resume=resume, quiet=quiet
+        )
+
+
+def _train(config: dict, dataset, model, workdir, *, checkpoint: bool, resume: bool, quiet: bool):
+    """Trains and writes the run in `workdir` (locked and prepared)."""
+    used = config["dataset"]
     rundir.save_preprocessing(workdir, dataset.preprocessing)
     optimizer_kwargs = {"weight_decay": config["weight_decay"]} if config["weight_decay"] else None
     started = time.perf_counter()
@@ -307,7 +317,12 @@ def evaluate_run(run_dir, dataset: str | None = None) -> dict:
     """
     model, params, config = rundir.load_run(run_dir)
     block = rundir.load_preprocessing(run_dir, config["input_shape"])
-    name = dataset or config["dataset"]
+    name = dataset or config.get("dataset")
+    if not isinstance(name, str):
+        raise CheckpointError(
+            f"{pathlib.Path(run_dir) / 'config.json'}: expected a 'dataset' name, got {name!r}; "
+            "pass dataset= to evaluate on another data set"
+        )
     data = data_lib.load(name, validation=config.get("validation", 0.0), standardize=False)
     if tuple(data.preprocessing["raw_shape"]) != tuple(block["raw_shape"]):
         raise ConfigError(

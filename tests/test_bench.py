@@ -46,6 +46,8 @@ def test_bench_checks_names():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--models", "resnet"])
+    assert args.quick is False and args.repeats == 7
     with pytest.raises(UnknownNameError, match="resnet"):
         bench.main(args)
-    assert args.quick is False
+    args = parser.parse_args(["--quick", "--repeats", "5", "--models", "mlp"])
+    assert (args.quick, args.repeats, args.models) == (True, 5, "mlp")

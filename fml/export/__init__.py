@@ -44,8 +44,9 @@ import numpy as np
 
 from fml import preprocessing as preprocessing_lib
 from fml._model import Model
-from fml.errors import ExportError, unknown
+from fml.errors import ExportError, FmlError, unknown
 from fml.export.reference import float32_model, reference
+from fml.lock import run_lock
 from fml.rundir import atomic_write
 
 
@@ -156,8 +157,8 @@ def export(
     model = float32_model(model)
     if tolerance is None:
         tolerance = target.tolerance * max(1.0, float(np.max(np.abs(want), initial=0.0)))
-    with _staged(path) as staged:
-        _target_function(target, target.write)(model, params, tuple(input_shape), staged, **options)
+    with run_lock(path.parent), _staged(path) as staged:
+        _write(target, to, model, params, tuple(input_shape), staged, options)
         run_options = {"preprocessing": block} if "preprocessing" in options else {}
         got = _target_function(target, target.run)(
             model, tuple(input_shape), staged, x, **run_options
@@ -189,21 +190,72 @@ def write_preprocessing(directory, block: dict) -> pathlib.Path:
     return path
 
 
+def _write(target: Target, to: str, model, params, input_shape, staged, options) -> None:
+    """The target's writer; a failure to write (disk full, unwritable) is an `ExportError`."""
+    try:
+        _target_function(target, target.write)(model, params, input_shape, staged, **options)
+    except FmlError:
+        raise
+    except Exception as e:  # torch, TF and safetensors each raise their own types
+        raise ExportError(
+            f"could not write the {to} export to {staged}: {type(e).__name__}: {e}"
+        ) from e
+
+
+STAGE = ".{name}.export-"  # the staging directories of an export to `name`
+PREVIOUS = "previous"  # inside one: the directory the export replaced
+
+
 @contextlib.contextmanager
 def _staged(path: pathlib.Path):
-    """Yields a temporary path next to `path`; moves it onto `path` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.export-"))
+    """Yields a temporary path next to `path`; moves it onto `path` if the block succeeds.
+
+    Before anything else it finishes (or undoes) any export to `path` that was killed
+    mid-way and removes its staging directories (`recover`).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover(path)
+        stage = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=STAGE.format(name=path.name)))
+    except OSError as e:
+        raise ExportError(f"cannot write an export to {path}: {e}") from e
     try:
         yield stage / path.name
-        _move_into_place(stage / path.name, path, stage / "previous")
+        (stage / "verified").touch()  # from here on the new copy may replace the old one
+        _move_into_place(stage / path.name, path, stage / PREVIOUS)
+    except FmlError:
+        raise
+    except OSError as e:
+        raise ExportError(f"could not move the export into place at {path}: {e}") from e
     finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover(path) -> None:
+    """Finishes or undoes an export to `path` that was killed, and removes its staging.
+
+    A staging directory holds the new export (`path.name`), a `verified` mark once
+    it reproduced fml, and `previous` once the old directory was moved aside. If
+    the kill came between the two renames (`path` missing), the verified new copy
+    is moved into place, or else the previous one is put back; every staging
+    directory is then removed.
+    """
+    path = pathlib.Path(path)
+    for stage in sorted(path.parent.glob(STAGE.format(name=path.name) + "*")):
+        if not stage.is_dir() or stage.is_symlink():
+            continue
+        if not path.exists():
+            new, previous = stage / path.name, stage / PREVIOUS
+            if (stage / "verified").exists() and new.exists():
+                os.replace(new, path)
+            elif previous.exists():
+                os.replace(previous, path)
         shutil.rmtree(stage, ignore_errors=True)
 
 
 def _move_into_place(new: pathlib.Path, path: pathlib.Path, backup: pathlib.Path) -> None:
     """Renames `new` to `path`; a directory already at `path` goes to `backup` first and
-    comes back if the rename fails."""
+    comes back if the rename fails (a kill in between is repaired by `recover`)."""
     if not (path.is_dir() and not path.is_symlink()):
         os.replace(new, path)
         return
@@ -223,5 +275,6 @@ __all__ = [
     "export",
     "max_abs_diff",
     "probe_batch",
+    "recover",
     "write_preprocessing",
 ]

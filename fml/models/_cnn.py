@@ -181,6 +181,10 @@ def cnn(
             raise ShapeError(
                 f"cnn: expected x of shape {layout} with C={w.shape[-2]}, got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:  # an empty batch: the shapes of a batch of one, no rows
+            one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+            y = jax.eval_shape(lambda x1: apply(params, x1, key=key, train=train), one)
+            return jnp.zeros((0, *y.shape[1:]), y.dtype)
         keys = jax.random.split(key, len(specs)) if key is not None else [None] * len(specs)
         for layer, name, k in zip(specs, names, keys):
             x = _apply_layer(layer, params.get(name), x, key=k, train=train)
