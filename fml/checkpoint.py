@@ -253,6 +253,14 @@ META_FIELDS = {
         'null or {"loss": number, "epoch": int}',
     ),
     "stopped": (lambda v: isinstance(v, bool), "true or false"),
+    "callbacks": (
+        lambda v: isinstance(v, dict) and all(isinstance(c, dict) for c in v.values()),
+        "an object of the callbacks' state objects",
+    ),
+    "loop": (
+        lambda v: isinstance(v, dict) and META_FIELDS["epoch_metrics"][0](v.get("epoch_metrics")),
+        'an object {"epoch_metrics": equally long per-step metric lists}',
+    ),
 }
 REQUIRED_META = ("spec", "config", "sha256")
 

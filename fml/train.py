@@ -24,7 +24,7 @@ from fml import parallel as parallel_lib
 from fml._model import Model
 from fml.batching import epoch_indices
 from fml.data import check_arrays
-from fml.errors import ConfigError, in_range
+from fml.errors import CheckpointError, ConfigError, in_range
 from fml.inference import evaluate, predict
 from fml.runners import FullBatchRunner, FusedRunner, HostRunner, epoch_segments
 from fml.step import (
@@ -208,7 +208,13 @@ def _restore(loop, callbacks) -> None:
             named = callbacks_lib.callback_names(callbacks)
             for name, state in restored["callbacks"].items():
                 if name in named:
-                    named[name].load_state_dict(state)
+                    try:
+                        named[name].load_state_dict(state)
+                    except (KeyError, TypeError, ValueError, AttributeError) as e:
+                        raise CheckpointError(
+                            f"the saved state of callback {name} does not fit it: "
+                            f"{type(e).__name__}: {e}"
+                        ) from e
             saved = restored["loop"].get("epoch_metrics") or {}
             loop.epoch_metrics = {k: np.asarray(v, np.float32) for k, v in saved.items()}
             loop.stop = bool(restored.get("stopped"))
