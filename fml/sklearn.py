@@ -24,17 +24,25 @@ import functools
 import json
 import math
 import numbers
+import time
 
 import jax
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from scipy.stats import rankdata
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone, is_classifier
+from sklearn.metrics import check_scoring
+from sklearn.model_selection import GridSearchCV, ParameterGrid, check_cv
+from sklearn.utils import _safe_indexing, indexable
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fml import models as models_lib
+
 from fml import train as train_lib
 from fml._model import Model, canonical_spec
+from fml.errors import TrainingError
+from fml.sweep import sweep
 
 # Families whose output width the estimator sets from the targets, and the spec key.
 _SIZED = {
@@ -175,6 +183,17 @@ class _FmlEstimator(BaseEstimator):
         self._state = _host_state(state)
         self.loss_curve_ = [float(v) for v in history["train_loss"]]
         return self
+
+    def _adopt(self, model: Model, state: dict, x, y) -> None:
+        """Becomes the estimator fitted on `(x, y)` (raw) with `state` (a `_host_state`)."""
+        x, y = _validated(self, x, y, reset=True, kind=self._kind)
+        if isinstance(self, FmlClassifier):
+            self._encode(y, classes=None)
+        else:
+            self._y_ndim = np.ndim(y)
+        self._partial_calls = 0
+        self.spec_ = model.spec
+        self._state = state
 
     def _fitted_model(self) -> Model:
         check_is_fitted(self, "spec_")
@@ -369,3 +388,176 @@ class FmlRegressor(RegressorMixin, _FmlEstimator):
         """Predictions `[N]` (or `[N, targets]` when fitted on 2-D `y`)."""
         z = self._outputs(X)
         return z[:, 0] if self._y_ndim == 1 else z
+
+
+# ------------------------------------------------------------------ search
+
+
+# Hyperparameters `fml.sweep` takes as data: a grid over them is one program.
+SWEPT = ("learning_rate", "l2", "seed")
+
+
+def _static_key(params: dict) -> str:
+    return json.dumps({k: repr(v) for k, v in params.items() if k not in SWEPT}, sort_keys=True)
+
+
+class FmlSearchCV(GridSearchCV):
+    """`GridSearchCV` over an `FmlClassifier` / `FmlRegressor` whose whole grid ×
+    folds trains as one vmapped program (`fml.sweep` with one subset per member).
+
+    The values of `learning_rate`, `l2` and `seed` in the grid are data: every
+    (candidate, fold) pair is a member of one sweep, trained exactly as
+    `GridSearchCV`'s `clone(estimator).set_params(**candidate).fit(X[train],
+    y[train])` would be (same init, batches and dropout keys, up to float rounding).
+    Candidates differing in anything else (hidden sizes, epochs, ...) form one
+    sweep per distinct setting. Scores, `cv_results_`, ranking, `best_*_` and the
+    refit are `GridSearchCV`'s; `predict`, `score` and the rest are inherited.
+
+    Arguments are `GridSearchCV`'s (`n_jobs` and `pre_dispatch` are unused). The
+    estimator must be an fml estimator with a minibatch optimizer (not lbfgs),
+    not a `Pipeline` (its steps would fit per fold); for classifiers, every
+    training fold must hold every class (use a stratified `cv`).
+
+    Attributes:
+      sweeps_: the `fml.sweep` results, one per distinct static setting.
+    """
+
+    def fit(self, X, y=None, **params):
+        """Runs the search: one sweep per static setting, then the refit."""
+        if params:
+            raise ValueError(f"FmlSearchCV.fit takes no fit parameters, got {sorted(params)}")
+        if not isinstance(self.estimator, _FmlEstimator):
+            raise ValueError(
+                "FmlSearchCV needs an FmlClassifier or FmlRegressor (not a Pipeline: "
+                f"use GridSearchCV for that), got {type(self.estimator).__name__}"
+            )
+        if callable(self.refit) or isinstance(self.scoring, list | tuple | dict):
+            raise ValueError("FmlSearchCV supports one scoring and refit=True/False")
+        X, y = indexable(X, y)
+        folds = list(check_cv(self.cv, y, classifier=is_classifier(self.estimator)).split(X, y))
+        candidates = list(ParameterGrid(self.param_grid))
+        self.scorer_ = check_scoring(self.estimator, self.scoring)
+        self.multimetric_ = False
+        shape = (len(candidates), len(folds))
+        test, train, fit_time, score_time = (np.full(shape, np.nan) for _ in range(4))
+        groups: dict = {}
+        for i, candidate in enumerate(candidates):
+            groups.setdefault(_static_key(candidate), []).append(i)
+        self.sweeps_ = []
+        for indices in groups.values():
+            static = {k: v for k, v in candidates[indices[0]].items() if k not in SWEPT}
+            base = clone(self.estimator).set_params(**static)
+            started = time.perf_counter()
+            result, members = _fold_sweep(base, [candidates[i] for i in indices], folds, X, y)
+            seconds = (time.perf_counter() - started) / len(members)
+            self.sweeps_.append(result)
+            for k, (c, f, estimator) in enumerate(members):
+                i = indices[c]
+                fit_time[i, f] = seconds
+                if result.table[k]["diverged"]:
+                    if self.error_score == "raise":
+                        raise TrainingError(f"candidate {candidates[i]} diverged on fold {f}")
+                    test[i, f] = train[i, f] = self.error_score
+                    continue
+                started = time.perf_counter()
+                test_rows, train_rows = folds[f][1], folds[f][0]
+                test[i, f] = self.scorer_(estimator, *_rows(X, y, test_rows))
+                score_time[i, f] = time.perf_counter() - started
+                if self.return_train_score:
+                    train[i, f] = self.scorer_(estimator, *_rows(X, y, train_rows))
+        self.cv_results_ = _cv_results(candidates, test, train, fit_time, score_time,
+                                       self.return_train_score)  # fmt: skip
+        self.n_splits_ = len(folds)
+        self.best_index_ = int(self.cv_results_["rank_test_score"].argmin())
+        self.best_score_ = float(self.cv_results_["mean_test_score"][self.best_index_])
+        self.best_params_ = candidates[self.best_index_]
+        if self.refit:
+            started = time.perf_counter()
+            self.best_estimator_ = clone(self.estimator).set_params(**self.best_params_).fit(X, y)
+            self.refit_time_ = time.perf_counter() - started
+        return self
+
+
+def _rows(X, y, rows):
+    return _safe_indexing(X, rows), _safe_indexing(y, rows)
+
+
+def _fold_sweep(base: _FmlEstimator, candidates: list[dict], folds, X, y):
+    """One `fml.sweep` of every (candidate, fold) of `base`'s static setting; returns
+    it and `[(candidate, fold, fitted estimator)]` in member order."""
+    if not isinstance(base.optimizer, str) or base.optimizer not in train_lib.OPTIMIZERS:
+        raise ValueError(
+            f"FmlSearchCV trains minibatch optimizers {sorted(train_lib.OPTIMIZERS)}, got "
+            f"{base.optimizer!r} (use GridSearchCV)"
+        )
+    probe = clone(base)
+    x, targets = _validated(probe, X, y, reset=True, kind=probe._kind)
+    if isinstance(probe, FmlClassifier):
+        targets = probe._encode(targets, classes=None)
+        for f, (rows, _) in enumerate(folds):
+            if len(np.unique(targets[rows])) != len(probe.classes_):
+                raise ValueError(
+                    f"training fold {f} lacks some of the classes {probe.classes_.tolist()}; "
+                    "use a stratified cv"
+                )
+        num_outputs = len(probe.classes_)
+    else:
+        targets = np.asarray(targets, np.float32)
+        num_outputs = FmlRegressor._targets(targets)
+    _check_family(probe, probe._kind)
+    model = _model(json.dumps(model_spec(probe, num_outputs), sort_keys=True))
+    configs, subsets, members = [], [], []
+    for c, candidate in enumerate(candidates):
+        settings = clone(base).set_params(**candidate)
+        for f, (rows, _) in enumerate(folds):
+            l2 = settings.l2
+            if l2 is None:
+                l2 = models_lib.l2_strength(model.spec, len(rows))
+            configs.append(
+                {"seed": int(settings.seed), "learning_rate": float(settings.learning_rate),
+                 "l2": float(l2)}
+            )  # fmt: skip
+            subsets.append(rows)
+            members.append((c, f, clone(settings)))
+    options = fit_options(base)
+    result = sweep(
+        model,
+        (_as_inputs(base, x), targets),
+        configs=configs,
+        subsets=subsets,
+        optimizer=options["optimizer"],
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        fused=options["fused"],
+        optimizer_kwargs=options["optimizer_kwargs"],
+    )
+    stacked = _host_state(result.state)  # fetched once, sliced per member on the host
+    for k, (_, f, estimator) in enumerate(members):
+        member = {**stacked, "state": jax.tree.map(lambda a, k=k: a[k], stacked["state"])}
+        estimator._adopt(model, member, *_rows(X, y, folds[f][0]))
+    return result, members
+
+
+def _cv_results(candidates, test, train, fit_time, score_time, with_train: bool) -> dict:
+    """`GridSearchCV`'s `cv_results_` layout from per-(candidate, split) arrays."""
+    results: dict = {"params": candidates}
+    names = sorted({k for c in candidates for k in c})
+    for name in names:
+        column = np.ma.MaskedArray(np.empty(len(candidates), object), mask=True)
+        for i, c in enumerate(candidates):
+            if name in c:
+                column[i] = c[name]
+        results[f"param_{name}"] = column
+    arrays = {"test_score": test, "fit_time": fit_time, "score_time": score_time}
+    if with_train:
+        arrays["train_score"] = train
+    for name, values in arrays.items():
+        if name.endswith("_score"):
+            for split in range(values.shape[1]):
+                results[f"split{split}_{name}"] = values[:, split]
+        results[f"mean_{name}"] = values.mean(axis=1)
+        results[f"std_{name}"] = values.std(axis=1)
+    mean = results["mean_test_score"]
+    ranked = np.where(np.isnan(mean), -np.inf, mean)
+    results["rank_test_score"] = rankdata(-ranked, method="min").astype(np.int32)
+    return results

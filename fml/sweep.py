@@ -658,22 +658,30 @@ def _check_subsets(subsets, members: int, num_examples: int) -> list[np.ndarray]
 def _subset_epoch_indices(seeds, subsets, epoch: int, batch_size: int, drop_remainder, fused):
     """Each member's epoch over its own subset, as `fit` shuffles it (fused, a subset
     of exactly `batch_size` examples is one batch in order): global example indices
-    and mask `[S, K, B]`, members with fewer steps padded with mask-0 steps."""
+    and mask `[S, K, B]`, members with fewer steps padded with mask-0 steps. One
+    shuffle program per distinct subset size."""
     keys = _shuffle_keys(np.asarray(seeds, np.int32), epoch)
-    index, mask = [], []
+    by_size: dict = {}
     for k, subset in enumerate(subsets):
-        if fused and len(subset) == batch_size:
-            local, m = np.arange(batch_size)[None], np.ones((1, batch_size), np.float32)
+        by_size.setdefault(len(subset), []).append(k)
+    parts = {}
+    for n, members in by_size.items():
+        if fused and n == batch_size:
+            local = np.broadcast_to(np.arange(n), (1, len(members), n))
+            mask = np.ones(local.shape, np.float32)
         else:
-            local, m = jax.device_get(
-                _member_epoch_indices(keys[k], len(subset), batch_size, drop_remainder)
+            local, mask = jax.device_get(
+                _member_epoch_indices(keys[np.asarray(members)], n, batch_size, drop_remainder)
             )
-        index.append(subset[local])
-        mask.append(m)
-    steps = max(len(i) for i in index)
-    index = [np.pad(i, ((0, steps - len(i)), (0, 0))) for i in index]
-    mask = [np.pad(m, ((0, steps - len(m)), (0, 0))) for m in mask]
-    return np.stack(index, axis=1), np.stack(mask, axis=1)
+        stacked = np.stack([subsets[k] for k in members])  # [Kn, n]
+        parts[n] = (stacked[np.arange(len(members))[None, :, None], local], mask, members)
+    steps = max(index.shape[0] for index, _, _ in parts.values())
+    index = np.zeros((steps, len(subsets), batch_size), np.int32)
+    mask = np.zeros((steps, len(subsets), batch_size), np.float32)
+    for part_index, part_mask, members in parts.values():
+        index[: part_index.shape[0], members] = part_index
+        mask[: part_mask.shape[0], members] = part_mask
+    return index, mask
 
 
 def _idle_if_empty(train_step):

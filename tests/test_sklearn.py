@@ -137,3 +137,61 @@ def test_non_contiguous_labels_and_partial_fit(digits):
     assert clf.score(x, labels) > 0.9
     with pytest.raises(ValueError, match="not among classes_"):
         clf.partial_fit(x[:5], np.full(5, 4))
+
+
+# ------------------------------------------------------------------ FmlSearchCV
+
+
+def test_search_picks_what_grid_search_picks_in_one_program(digits):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from fml.sklearn import FmlSearchCV
+
+    x, y = digits
+    x = x / 16
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    estimator = FmlClassifier("mlp", hidden_layer_sizes=(16,), epochs=4, batch_size=64)
+    grid = {"learning_rate": [1e-3, 3e-3, 1e-2], "l2": [0.0, 1e-3], "seed": [0, 1]}
+    ours = FmlSearchCV(estimator, grid, cv=cv).fit(x, y)
+    theirs = GridSearchCV(estimator, grid, cv=cv).fit(x, y)
+    assert len(ours.sweeps_) == 1 and ours.sweeps_[0].compiles == 1
+    assert len(ours.sweeps_[0]) == 12 * 3  # every candidate on every fold, one program
+    assert ours.best_params_ == theirs.best_params_
+    for name in ("mean_test_score", "split0_test_score", "split2_test_score"):
+        np.testing.assert_allclose(ours.cv_results_[name], theirs.cv_results_[name], atol=1e-3)
+    np.testing.assert_array_equal(ours.cv_results_["rank_test_score"], theirs.cv_results_["rank_test_score"])
+    assert sorted(ours.cv_results_) == sorted(theirs.cv_results_)
+    np.testing.assert_array_equal(ours.predict(x), theirs.predict(x))
+    assert ours.score(x, y) == theirs.score(x, y)
+
+
+def test_search_groups_static_settings_and_regresses():
+    from sklearn.datasets import load_diabetes
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    from fml.sklearn import FmlSearchCV
+
+    x, y = load_diabetes(return_X_y=True)
+    y = (y - y.mean()) / y.std()
+    cv = KFold(4, shuffle=True, random_state=0)
+    estimator = FmlRegressor("mlp", epochs=5, batch_size=32)
+    grid = {"hidden_layer_sizes": [(8,), (16,)], "learning_rate": [1e-3, 1e-2]}
+    ours = FmlSearchCV(estimator, grid, cv=cv, return_train_score=True).fit(x, y)
+    theirs = GridSearchCV(estimator, grid, cv=cv, return_train_score=True).fit(x, y)
+    assert len(ours.sweeps_) == 2  # one program per hidden size
+    assert ours.best_params_ == theirs.best_params_
+    for name in ("mean_test_score", "mean_train_score"):
+        np.testing.assert_allclose(ours.cv_results_[name], theirs.cv_results_[name], atol=1e-4)
+
+
+def test_search_refuses_what_it_cannot_batch(digits):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fml.sklearn import FmlSearchCV
+
+    x, y = digits
+    with pytest.raises(ValueError, match="not a Pipeline"):
+        FmlSearchCV(make_pipeline(StandardScaler(), FmlClassifier()), {}).fit(x, y)
+    with pytest.raises(ValueError, match="minibatch optimizers"):
+        FmlSearchCV(FmlClassifier(optimizer="lbfgs"), {"l2": [0.0]}, cv=2).fit(x, y)
