@@ -432,9 +432,14 @@ def _host_epoch(step, state, x, y, keys, batch_size, drop_remainder):
 def _init_states(model, tx, input_shape, configs, l2_values):
     """The stacked `TrainState` of all members, each made by `init_state` exactly as
     `fit` makes it alone (its eager ops are compiled once and shared with `fit`)."""
-    states = []
+    states, by_seed = [], {}
     for config, l2 in zip(configs, l2_values):
-        state = train_lib.init_state(model, tx, input_shape, seed=config["seed"], l2=l2)
+        if config["seed"] not in by_seed:  # members of one seed start alike
+            by_seed[config["seed"]] = train_lib.init_state(
+                model, tx, input_shape, seed=config["seed"]
+            )
+        state = by_seed[config["seed"]]
+        state = state._replace(hparams={**state.hparams, "l2": np.asarray(l2, np.float32)})
         hyperparams = {
             n: np.asarray(v, np.float32) for n, v in config.items() if n not in MODEL_AXES
         }
@@ -660,7 +665,6 @@ def _subset_epoch_indices(seeds, subsets, epoch: int, batch_size: int, drop_rema
     of exactly `batch_size` examples is one batch in order): global example indices
     and mask `[S, K, B]`, members with fewer steps padded with mask-0 steps. One
     shuffle program per distinct subset size."""
-    keys = _shuffle_keys(np.asarray(seeds, np.int32), epoch)
     by_size: dict = {}
     for k, subset in enumerate(subsets):
         by_size.setdefault(len(subset), []).append(k)
@@ -670,8 +674,9 @@ def _subset_epoch_indices(seeds, subsets, epoch: int, batch_size: int, drop_rema
             local = np.broadcast_to(np.arange(n), (1, len(members), n))
             mask = np.ones(local.shape, np.float32)
         else:
+            keys = _shuffle_keys(np.asarray([seeds[k] for k in members], np.int32), epoch)
             local, mask = jax.device_get(
-                _member_epoch_indices(keys[np.asarray(members)], n, batch_size, drop_remainder)
+                _member_epoch_indices(keys, n, batch_size, drop_remainder)
             )
         stacked = np.stack([subsets[k] for k in members])  # [Kn, n]
         parts[n] = (stacked[np.arange(len(members))[None, :, None], local], mask, members)
@@ -704,7 +709,8 @@ def _train_subsets(
     train_step, state, x, y, seeds, subsets, *, epochs, batch_size, fused, drop_remainder
 ):
     """`_train` where member `k` trains on the examples `subsets[k]` (batches per member)."""
-    step = _idle_if_empty(train_step)
+    counts = {len(s) // batch_size if drop_remainder else -(-len(s) // batch_size) for s in subsets}
+    step = _idle_if_empty(train_step) if len(counts) > 1 else train_step  # else none idles
     if fused:
         steps = train_lib.make_steps(step)
         run = jax.jit(jax.vmap(steps, in_axes=(0, None, None, 1, 1)), donate_argnums=0)
