@@ -38,7 +38,6 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fml import models as models_lib
-
 from fml import train as train_lib
 from fml._model import Model, canonical_spec
 from fml.errors import TrainingError
@@ -282,10 +281,7 @@ class FmlClassifier(ClassifierMixin, _FmlEstimator):
         needs `classes` (all labels) unless `y` holds every class."""
         first = not getattr(self, "_partial_calls", 0)
         X, y = _validated(self, X, y, reset=first, kind=self._kind)
-        if first:
-            y = self._encode(y, classes=classes)
-        else:
-            y = self._index(y)
+        y = self._encode(y, classes=classes) if first else self._index(y)
         return self._next_partial(X, y, self._num_outputs())
 
     def _encode(self, y, *, classes):

@@ -675,9 +675,7 @@ def _subset_epoch_indices(seeds, subsets, epoch: int, batch_size: int, drop_rema
             mask = np.ones(local.shape, np.float32)
         else:
             keys = _shuffle_keys(np.asarray([seeds[k] for k in members], np.int32), epoch)
-            local, mask = jax.device_get(
-                _member_epoch_indices(keys, n, batch_size, drop_remainder)
-            )
+            local, mask = jax.device_get(_member_epoch_indices(keys, n, batch_size, drop_remainder))
         stacked = np.stack([subsets[k] for k in members])  # [Kn, n]
         parts[n] = (stacked[np.arange(len(members))[None, :, None], local], mask, members)
     steps = max(index.shape[0] for index, _, _ in parts.values())

@@ -122,12 +122,46 @@ def test_linen_cnn_trains_checkpoints_restores_and_exports(tmp_path):
     assert np.max(np.abs(got - want)) <= 1e-5
 
 
-def test_torch_export_of_a_flax_module_is_a_clear_error(tmp_path):
+def test_onnx_export_of_flax_modules_equals_their_forward_pass(tmp_path):
+    import onnxruntime
+
+    x = np.random.default_rng(1).standard_normal((7, 8, 8, 1)).astype(np.float32)
+    cases = {
+        "cnn": (fml.models.from_flax(CNN()), (8, 8, 1), x),
+        "nnx_mlp": (
+            fml.models.from_flax(MLP, kwargs={"din": 64, "hidden": 16, "dout": 3, "rate": 0.5}),
+            (64,),
+            x.reshape(7, 64),
+        ),
+    }
+    for name, (model, shape, probe) in cases.items():
+        params = model.init(jax.random.key(0), shape)
+        exported = export(model, params, tmp_path / f"{name}.onnx", to="onnx", input_shape=shape)
+        assert exported.max_abs_diff <= 1e-5
+        # another batch size than the export's probe: the batch is dynamic
+        session = onnxruntime.InferenceSession(
+            str(exported.path), providers=["CPUExecutionProvider"]
+        )
+        got = session.run(["y"], {"x": probe})[0]
+        np.testing.assert_allclose(got, np.asarray(model.apply(params, probe)), atol=1e-5)
+
+
+class Cumulative(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.cumsum(nn.Dense(3)(x), axis=1)
+
+
+def test_exports_a_flax_module_cannot_take_are_clear_errors(tmp_path):
     model = fml.models.from_flax(CNN())
     params = model.init(jax.random.key(0), (8, 8, 1))
-    for target in ("torch", "onnx"):
-        with pytest.raises(ExportError, match="'flax'"):
+    for target in ("torch", "safetensors"):
+        with pytest.raises(ExportError, match="family 'flax' cannot be exported to PyTorch"):
             export(model, params, tmp_path / f"m.{target}", to=target, input_shape=(8, 8, 1))
+    model = fml.models.from_flax(Cumulative())
+    params = model.init(jax.random.key(0), (4,))
+    with pytest.raises(ExportError, match="'cumsum'"):
+        export(model, params, tmp_path / "m.onnx", to="onnx", input_shape=(4,))
     assert not list(tmp_path.iterdir())
 
 

@@ -72,7 +72,9 @@ def test_pipeline_mlp_on_digits_matches_mlp_classifier(digits):
     settings = {"hidden_layer_sizes": (64,), "batch_size": 64}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        sk = cross_val_score(_scaled(MLPClassifier(max_iter=30, random_state=0, **settings)), x, y, cv=cv)
+        sk = cross_val_score(
+            _scaled(MLPClassifier(max_iter=30, random_state=0, **settings)), x, y, cv=cv
+        )
     ours = cross_val_score(_scaled(FmlClassifier("mlp", epochs=30, **settings)), x, y, cv=cv)
     assert ours.mean() >= sk.mean() - SLACK, (ours, sk)
     assert ours.mean() > 0.95
@@ -119,7 +121,9 @@ def test_pickle_and_clone_round_trips_predict_identically(digits):
     reg = FmlRegressor("mlp", hidden_layer_sizes=(16,), epochs=3).fit(x / 16, y.astype(float))
     back = pickle.loads(pickle.dumps(reg))
     np.testing.assert_array_equal(back.predict(x / 16), reg.predict(x / 16))
-    np.testing.assert_array_equal(clone(reg).fit(x / 16, y.astype(float)).predict(x), reg.predict(x))
+    np.testing.assert_array_equal(
+        clone(reg).fit(x / 16, y.astype(float)).predict(x), reg.predict(x)
+    )
 
 
 def test_non_contiguous_labels_and_partial_fit(digits):
@@ -159,7 +163,9 @@ def test_search_picks_what_grid_search_picks_in_one_program(digits):
     assert ours.best_params_ == theirs.best_params_
     for name in ("mean_test_score", "split0_test_score", "split2_test_score"):
         np.testing.assert_allclose(ours.cv_results_[name], theirs.cv_results_[name], atol=1e-3)
-    np.testing.assert_array_equal(ours.cv_results_["rank_test_score"], theirs.cv_results_["rank_test_score"])
+    np.testing.assert_array_equal(
+        ours.cv_results_["rank_test_score"], theirs.cv_results_["rank_test_score"]
+    )
     assert sorted(ours.cv_results_) == sorted(theirs.cv_results_)
     np.testing.assert_array_equal(ours.predict(x), theirs.predict(x))
     assert ours.score(x, y) == theirs.score(x, y)

@@ -298,9 +298,7 @@ def test_subset_members_match_fit_on_their_subsets(fused):
     result = fml.sweep(model, (x, y), configs=configs, subsets=subsets, **settings)
     assert result.compiles == 1
     for k, (config, subset) in enumerate(zip(configs, subsets)):
-        alone, history = fml.fit(
-            model, (x[subset], y[subset]), quiet=True, **config, **settings
-        )
+        alone, history = fml.fit(model, (x[subset], y[subset]), quiet=True, **config, **settings)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, atol=TOLERANCE),
             result.member_state(k).params,

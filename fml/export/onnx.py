@@ -1,5 +1,7 @@
 """ONNX export through the torch module (`torch.onnx.export(..., dynamo=True)`), with a
-dynamic batch and, for RNNs, a dynamic time axis; checked in onnxruntime.
+dynamic batch and, for RNNs, a dynamic time axis; checked in onnxruntime. Flax
+modules, which have no torch module, are translated from their jaxpr
+(`fml.export.jaxpr_onnx`).
 
 The graph takes `x` (float32 `[batch, *input_shape]`) and returns `y`. Needs the
 `onnx` extra (onnx, onnxscript, onnxruntime) besides torch.
@@ -9,6 +11,7 @@ import numpy as np
 
 from fml._model import Model
 from fml.errors import require
+from fml.export.jaxpr_onnx import write_jaxpr_onnx
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
@@ -17,6 +20,9 @@ OUTPUT_NAME = "y"
 def write_onnx(model: Model, params, input_shape, path) -> None:
     """Writes `model` with `params` as one self-contained `.onnx` file (unverified;
     `to_onnx` verifies and writes atomically)."""
+    if model.family == "flax":  # no torch module: from the jaxpr
+        write_jaxpr_onnx(model, params, input_shape, path)
+        return
     torch = require("torch", "torch")
     require("onnxscript", "onnx")
     from fml.export.torch import to_state_dict, torch_module

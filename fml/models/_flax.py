@@ -206,4 +206,3 @@ def flax_module(*, module: str, kwargs: dict | None, api: str = "linen") -> Mode
     if api == "linen":
         return from_flax(cls(**kwargs))
     return from_flax(cls, kwargs=kwargs)
-
