@@ -213,3 +213,12 @@ def test_bad_flax_inputs_are_clear_errors():
         fml.models.from_spec(
             {"family": "flax", "api": "linen", "module": "no_such_pkg:M", "kwargs": {}}
         )
+
+
+def test_docstring_examples():
+    import doctest
+
+    from fml.models import _flax
+
+    result = doctest.testmod(_flax, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -201,3 +201,12 @@ def test_search_refuses_what_it_cannot_batch(digits):
         FmlSearchCV(make_pipeline(StandardScaler(), FmlClassifier()), {}).fit(x, y)
     with pytest.raises(ValueError, match="minibatch optimizers"):
         FmlSearchCV(FmlClassifier(optimizer="lbfgs"), {"l2": [0.0]}, cv=2).fit(x, y)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import fml.sklearn
+
+    result = doctest.testmod(fml.sklearn, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
