@@ -168,6 +168,10 @@ class _FmlEstimator(BaseEstimator):
 
     # -- fitting
 
+    def _targets_of(self, y) -> np.ndarray:
+        """The targets the model trains on (subclasses: encoded labels, float targets)."""
+        raise NotImplementedError
+
     def _train(self, x, y, num_outputs: int, *, epochs: int, state=None, seed=None):
         """Trains on encoded `(x, y)`; sets `spec_` and the state; returns self."""
         _check_family(self, self._kind)
@@ -186,10 +190,7 @@ class _FmlEstimator(BaseEstimator):
     def _adopt(self, model: Model, state: dict, x, y) -> None:
         """Becomes the estimator fitted on `(x, y)` (raw) with `state` (a `_host_state`)."""
         x, y = _validated(self, x, y, reset=True, kind=self._kind)
-        if isinstance(self, FmlClassifier):
-            self._encode(y, classes=None)
-        else:
-            self._y_ndim = np.ndim(y)
+        self._targets_of(y)
         self._partial_calls = 0
         self.spec_ = model.spec
         self._state = state
@@ -272,7 +273,7 @@ class FmlClassifier(ClassifierMixin, _FmlEstimator):
     def fit(self, X, y):
         """Trains a fresh model on `(X, y)`; returns self."""
         X, y = _validated(self, X, y, reset=True, kind=self._kind)
-        y = self._encode(y, classes=None)
+        y = self._targets_of(y)
         self._partial_calls = 0
         return self._train(X, y, self._num_outputs(), epochs=int(self.epochs))
 
@@ -283,6 +284,10 @@ class FmlClassifier(ClassifierMixin, _FmlEstimator):
         X, y = _validated(self, X, y, reset=first, kind=self._kind)
         y = self._encode(y, classes=classes) if first else self._index(y)
         return self._next_partial(X, y, self._num_outputs())
+
+    def _targets_of(self, y) -> np.ndarray:
+        """The encoded labels of `y`, setting `classes_`."""
+        return self._encode(y, classes=None)
 
     def _encode(self, y, *, classes):
         check_classification_targets(y)
@@ -363,18 +368,20 @@ class FmlRegressor(RegressorMixin, _FmlEstimator):
         """Trains a fresh model on `(X, y)`; returns self."""
         X, y = _validated(self, X, y, reset=True, kind=self._kind)
         self._partial_calls = 0
-        self._y_ndim = np.ndim(y)
-        y = np.asarray(y, np.float32)
+        y = self._targets_of(y)
         return self._train(X, y, self._targets(y), epochs=int(self.epochs))
 
     def partial_fit(self, X, y):
         """One pass over `(X, y)`, continuing the previous training."""
         first = not getattr(self, "_partial_calls", 0)
         X, y = _validated(self, X, y, reset=first, kind=self._kind)
-        if first:
-            self._y_ndim = np.ndim(y)
-        y = np.asarray(y, np.float32)
+        y = self._targets_of(y) if first else np.asarray(y, np.float32)
         return self._next_partial(X, y, self._targets(y))
+
+    def _targets_of(self, y) -> np.ndarray:
+        """`y` as float32 regression targets, remembering its rank for `predict`."""
+        self._y_ndim = np.ndim(y)
+        return np.asarray(y, np.float32)
 
     @staticmethod
     def _targets(y) -> int:
@@ -488,8 +495,8 @@ def _fold_sweep(base: _FmlEstimator, candidates: list[dict], folds, X, y):
         )
     probe = clone(base)
     x, targets = _validated(probe, X, y, reset=True, kind=probe._kind)
+    targets = probe._targets_of(targets)
     if isinstance(probe, FmlClassifier):
-        targets = probe._encode(targets, classes=None)
         for f, (rows, _) in enumerate(folds):
             if len(np.unique(targets[rows])) != len(probe.classes_):
                 raise ValueError(
@@ -498,7 +505,6 @@ def _fold_sweep(base: _FmlEstimator, candidates: list[dict], folds, X, y):
                 )
         num_outputs = len(probe.classes_)
     else:
-        targets = np.asarray(targets, np.float32)
         num_outputs = FmlRegressor._targets(targets)
     _check_family(probe, probe._kind)
     model = _model(json.dumps(model_spec(probe, num_outputs), sort_keys=True))
