@@ -4,7 +4,7 @@ every family, seed 0); subcommands are registered in `COMMANDS`."""
 import argparse
 import sys
 
-from fml import _cli_runs
+from fml import _cli_runs, runtime
 from fml._sweep_cli import add_sweep_command
 from fml.errors import FmlError
 from fml.export.cli import add_export
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    runtime.apply_process_settings()  # the entry point's process, not the library's
     parser = build_parser()
     args = parser.parse_args(argv or ["main"])
     try:

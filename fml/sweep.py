@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fml import batching, inputs, rundir
 from fml import metrics as metrics_lib
 from fml import models as models_lib
-from fml import rundir
-from fml import train as train_lib
+from fml import step as step_lib
 from fml._model import Model
 from fml.data import check_arrays
 from fml.errors import ConfigError, ShapeError, TrainingError
+from fml.inference import predict
 
 # Swept values that are not optimizer hyperparameters.
 MODEL_AXES = ("seed", "C", "l2")
@@ -132,7 +133,7 @@ class SweepResult:
 
     model: Model
     configs: list[dict]
-    state: train_lib.TrainState
+    state: step_lib.TrainState
     table: list[dict]
     metric: str
     best: int
@@ -147,7 +148,7 @@ class SweepResult:
     def __len__(self) -> int:
         return len(self.configs)
 
-    def member_state(self, k: int) -> train_lib.TrainState:
+    def member_state(self, k: int) -> step_lib.TrainState:
         """Member `k` as an ordinary single-model `TrainState`."""
         if not -len(self) <= k < len(self):
             raise ConfigError(f"expected a member index in [0, {len(self)}), got {k}")
@@ -160,7 +161,7 @@ class SweepResult:
         return self.model
 
     @property
-    def best_state(self) -> train_lib.TrainState:
+    def best_state(self) -> step_lib.TrainState:
         return self.member_state(self.best)
 
     @property
@@ -178,7 +179,7 @@ class SweepResult:
     def predict(self, x, members: Sequence[int] | None = None) -> np.ndarray:
         """Every member's outputs on `x`: `[N, K, outputs]` (or the chosen members)."""
         params = self._params(members)
-        return train_lib.predict(_stacked(self.model), params, x)
+        return predict(_stacked(self.model), params, x)
 
     def ensemble_predict(self, x, members: Sequence[int] | None = None) -> np.ndarray:
         """The ensemble's outputs `[N, outputs]`: log of the mean class probabilities
@@ -194,7 +195,7 @@ class SweepResult:
         """
         chosen = list(range(len(self))) if members is None else list(members)
         report = {"size": len(chosen), "metric": self.metric}
-        objective = train_lib.make_objective(self.model, self.loss, self.task)
+        objective = step_lib.make_objective(self.model, self.loss, self.task)
         for split, (x, y) in self.splits.items():
             outputs = self.predict(x, chosen)
             ensemble_outputs = _average(outputs, self._loss_name())
@@ -369,17 +370,15 @@ def _member_means(step_metrics_KxS) -> dict:
 
 @jax.jit
 def _shuffle_keys(seeds_K, epoch):
-    """Each member's epoch key, `fold_in(fold_in(key(seed), 1), epoch)` as in `fit`."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), epoch))(
-        seeds_K
-    )
+    """Each member's epoch key (`fml.batching.epoch_key`), as `fit` draws it."""
+    return jax.vmap(lambda s: batching.epoch_key(s, epoch))(seeds_K)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _member_epoch_indices(keys, num_examples, batch_size, drop_remainder):
     """`epoch_indices` of one key `[S, B]`, or of each member's key `[S, K, B]`."""
     indices = functools.partial(
-        train_lib.epoch_indices,
+        batching.epoch_indices,
         num_examples=num_examples,
         batch_size=batch_size,
         drop_remainder=drop_remainder,
@@ -435,7 +434,7 @@ def _init_states(model, tx, input_shape, configs, l2_values):
     states, by_seed = [], {}
     for config, l2 in zip(configs, l2_values):
         if config["seed"] not in by_seed:  # members of one seed start alike
-            by_seed[config["seed"]] = train_lib.init_state(
+            by_seed[config["seed"]] = step_lib.init_state(
                 model, tx, input_shape, seed=config["seed"]
             )
         state = by_seed[config["seed"]]
@@ -510,19 +509,23 @@ def sweep(
       >>> len(result.table), result.compiles
       (3, 1)
     """
-    if not isinstance(optimizer, str) or optimizer not in train_lib.OPTIMIZERS:
+    if not isinstance(optimizer, str) or optimizer not in step_lib.OPTIMIZERS:
         raise ConfigError(
             f"sweep needs a minibatch optimizer by name, one of "
-            f"{sorted(train_lib.OPTIMIZERS)}; got {optimizer!r}"
+            f"{sorted(step_lib.OPTIMIZERS)}; got {optimizer!r}"
         )
-    x, y, x_val, y_val, x_test, y_test, task = train_lib._as_arrays(data, validation)
+    data = inputs.splits(data, validation)
+    if data.stream is not None:
+        raise ConfigError("sweep trains on arrays in memory, not a stream; load them as arrays")
+    x, y, task = data.x, data.y, data.task
+    (x_val, y_val), (x_test, y_test) = data.val or (None, None), data.test or (None, None)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"expected epochs to be an int >= 1, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
-    if batch_size > x.shape[0] and drop_remainder:
-        raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
-    objective = train_lib.make_objective(model, loss, task)
+    batching.check_batching(x.shape[0], batch_size, drop_remainder)
+    batch_size = batching.batch_rows(x.shape[0], batch_size)
+    objective = step_lib.make_objective(model, loss, task)
     metric = metric or ("accuracy" if objective.classify else "r2")
     if not isinstance(metric, str):
         raise ConfigError(f"sweep needs a metric by name ('accuracy' or 'r2'), got {metric!r}")
@@ -535,10 +538,12 @@ def sweep(
     )
     check_arrays(x, y, task=task, where="training data")
     subsets = _check_subsets(subsets, len(members), x.shape[0])
+    for subset in subsets or ():
+        batching.check_batching(len(subset), batch_size, drop_remainder)
     sizes = [x.shape[0]] * len(members) if subsets is None else [len(s) for s in subsets]
     l2_values = [_member_l2(model, c, n) for c, n in zip(members, sizes)]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
-    expected = train_lib._check_targets(
+    expected = inputs.check_targets(
         model, _take(state.params, 0), x, y, objective, "training data"
     )
     splits = {"val": (x_val, y_val), "test": (x_test, y_test)}
@@ -548,7 +553,7 @@ def sweep(
         if xs.shape[1:] != x.shape[1:]:
             raise ShapeError(f"{name} data: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
 
-    train_step = train_lib.make_train_step(model, objective, tx)
+    train_step = step_lib.make_train_step(model, objective, tx)
     seeds = [c["seed"] for c in members]
     state, history, run = _train(
         train_step,
@@ -587,7 +592,7 @@ def _optimizer_and_members(model, axes: dict, configs, optimizer, **optimizer_kw
     defaults = {n: v[0] for n, v in axes.items()}
     first_values = {n: v for n, v in defaults.items() if n not in MODEL_AXES}
     try:
-        tx = train_lib.make_optimizer(optimizer, **{**optimizer_kwargs, **first_values})
+        tx = step_lib.make_optimizer(optimizer, **{**optimizer_kwargs, **first_values})
     except TypeError as e:
         raise ConfigError(
             f"optimizer {optimizer!r} does not take {sorted(first_values)}: {e}"
@@ -619,7 +624,7 @@ def _train(
     shared = len(set(seeds)) == 1  # one shuffle for all: the batch is not mapped
     key_axis = None if shared else 0
     if fused:
-        epoch_fn = train_lib.make_epoch(
+        epoch_fn = step_lib.make_epoch(
             train_step, batch_size=batch_size, drop_remainder=drop_remainder
         )
         run = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None, key_axis)), donate_argnums=0)
@@ -661,23 +666,26 @@ def _check_subsets(subsets, members: int, num_examples: int) -> list[np.ndarray]
 
 
 def _subset_epoch_indices(seeds, subsets, epoch: int, batch_size: int, drop_remainder, fused):
-    """Each member's epoch over its own subset, as `fit` shuffles it (fused, a subset
-    of exactly `batch_size` examples is one batch in order): global example indices
-    and mask `[S, K, B]`, members with fewer steps padded with mask-0 steps. One
-    shuffle program per distinct subset size."""
+    """Each member's epoch over its own subset, as `fit` draws it (`fml.batching`;
+    fused, a subset of at most `batch_size` examples is one batch in order): global
+    example indices and mask `[S, K, B]`, a member's shorter batches (a subset
+    smaller than `batch_size`) padded with mask-0 columns and its missing steps with
+    mask-0 steps. One shuffle program per distinct subset size."""
     by_size: dict = {}
     for k, subset in enumerate(subsets):
         by_size.setdefault(len(subset), []).append(k)
     parts = {}
     for n, members in by_size.items():
-        if fused and n == batch_size:
+        if fused and n <= batch_size:
             local = np.broadcast_to(np.arange(n), (1, len(members), n))
             mask = np.ones(local.shape, np.float32)
         else:
             keys = _shuffle_keys(np.asarray([seeds[k] for k in members], np.int32), epoch)
             local, mask = jax.device_get(_member_epoch_indices(keys, n, batch_size, drop_remainder))
         stacked = np.stack([subsets[k] for k in members])  # [Kn, n]
-        parts[n] = (stacked[np.arange(len(members))[None, :, None], local], mask, members)
+        index = stacked[np.arange(len(members))[None, :, None], local]
+        columns = ((0, 0), (0, 0), (0, batch_size - index.shape[2]))
+        parts[n] = (np.pad(index, columns), np.pad(mask, columns), members)
     steps = max(index.shape[0] for index, _, _ in parts.values())
     index = np.zeros((steps, len(subsets), batch_size), np.int32)
     mask = np.zeros((steps, len(subsets), batch_size), np.float32)
@@ -707,10 +715,10 @@ def _train_subsets(
     train_step, state, x, y, seeds, subsets, *, epochs, batch_size, fused, drop_remainder
 ):
     """`_train` where member `k` trains on the examples `subsets[k]` (batches per member)."""
-    counts = {len(s) // batch_size if drop_remainder else -(-len(s) // batch_size) for s in subsets}
+    counts = {batching.steps_per_epoch(len(s), batch_size, drop_remainder) for s in subsets}
     step = _idle_if_empty(train_step) if len(counts) > 1 else train_step  # else none idles
     if fused:
-        steps = train_lib.make_steps(step)
+        steps = step_lib.make_steps(step)
         run = jax.jit(jax.vmap(steps, in_axes=(0, None, None, 1, 1)), donate_argnums=0)
         x_dev, y_dev = jax.device_put(x), jax.device_put(y)
     else:
@@ -747,7 +755,7 @@ def _split_scores(model, objective, metric, state, splits) -> dict:
     stacked = _stacked(model)
     return {
         split: jax.device_get(
-            _scores(objective, metric, train_lib.predict(stacked, state.params, xs), ys)
+            _scores(objective, metric, predict(stacked, state.params, xs), ys)
         )
         for split, (xs, ys) in splits.items()
     }

@@ -9,9 +9,10 @@ Same as `fml bench`; the work is done by `fml.bench.main`.
 
 import argparse
 
-from fml import bench
+from fml import bench, runtime
 
 if __name__ == "__main__":
+    runtime.apply_process_settings()  # XLA:CPU keeps freed memory (fml.runtime)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_arguments(parser)
     bench.main(parser.parse_args())
