@@ -38,9 +38,11 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from fml import models as models_lib
+from fml import step as step_lib
 from fml import train as train_lib
 from fml._model import Model, canonical_spec
 from fml.errors import TrainingError
+from fml.inference import predict
 from fml.sweep import sweep
 
 # Families whose output width the estimator sets from the targets, and the spec key.
@@ -116,13 +118,13 @@ def fit_options(estimator) -> dict:
     }
 
 
-def _host_state(state: train_lib.TrainState) -> dict:
+def _host_state(state: step_lib.TrainState) -> dict:
     """A `TrainState` as numpy arrays (its key as key data): picklable, device-free."""
     host = jax.device_get(state._replace(key=jax.random.key_data(state.key)))
     return {"state": host, "key_impl": str(jax.random.key_impl(state.key))}
 
 
-def _device_state(saved: dict) -> train_lib.TrainState:
+def _device_state(saved: dict) -> step_lib.TrainState:
     state = saved["state"]
     key = jax.random.wrap_key_data(np.asarray(state.key), impl=saved["key_impl"])
     return jax.device_put(state._replace(key=key))
@@ -214,7 +216,7 @@ class _FmlEstimator(BaseEstimator):
         n = x.shape[0]
         padded = np.zeros((-(-n // _PREDICT_ROWS) * _PREDICT_ROWS, *x.shape[1:]), x.dtype)
         padded[:n] = x
-        outputs = train_lib.predict(model, self.params_, padded, batch_size=_PREDICT_ROWS)[:n]
+        outputs = predict(model, self.params_, padded, batch_size=_PREDICT_ROWS)[:n]
         return np.asarray(outputs, np.float64).reshape(n, -1)
 
     def _next_partial(self, x, y, num_outputs: int):
@@ -488,9 +490,9 @@ def _rows(X, y, rows):
 def _fold_sweep(base: _FmlEstimator, candidates: list[dict], folds, X, y):
     """One `fml.sweep` of every (candidate, fold) of `base`'s static setting; returns
     it and `[(candidate, fold, fitted estimator)]` in member order."""
-    if not isinstance(base.optimizer, str) or base.optimizer not in train_lib.OPTIMIZERS:
+    if not isinstance(base.optimizer, str) or base.optimizer not in step_lib.OPTIMIZERS:
         raise ValueError(
-            f"FmlSearchCV trains minibatch optimizers {sorted(train_lib.OPTIMIZERS)}, got "
+            f"FmlSearchCV trains minibatch optimizers {sorted(step_lib.OPTIMIZERS)}, got "
             f"{base.optimizer!r} (use GridSearchCV)"
         )
     probe = clone(base)
