@@ -427,7 +427,7 @@ class Checkpointer:
                 "resume=True to continue that run, or use another checkpoint_dir"
             )
         check_resumable(self.read_meta(step), model, config, self.directory)
-        return self.restore(step, optimizer=optimizer)
+        return self.restore(step, optimizer=optimizer, model=model)
 
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of checkpoint `step`."""
@@ -439,7 +439,7 @@ class Checkpointer:
             raise self._corrupt(step, e) from e
         return check_meta(meta, f"checkpoint step {step} in {self.directory}")
 
-    def restore(self, step: int | None = None, *, optimizer=None) -> Restored:
+    def restore(self, step: int | None = None, *, optimizer=None, model=None) -> Restored:
         """Reads checkpoint `step` (default: the latest) back.
 
         Args:
@@ -447,6 +447,8 @@ class Checkpointer:
           optimizer: the optax optimizer of the run; rebuilt from the saved
             config when None (which needs a named optimizer and a float
             learning rate).
+          model: the run's model, whose spec must be the saved one; rebuilt from
+            the spec when None (a Flax module only where its class is importable).
 
         Raises:
           CheckpointError: no checkpoint, or it is corrupt, truncated, or its
@@ -463,7 +465,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint step {step!r} in {self.directory}; have {steps}")
         meta = self.read_meta(step)
         try:
-            model = models.from_spec(meta["spec"])
+            model = _model_of(meta["spec"], model)
             tx = optimizer if optimizer is not None else optimizer_from_config(meta["config"])
             abstract = _abstract_tree(model, tx, meta)
         except FmlError as e:
@@ -519,6 +521,16 @@ class Checkpointer:
         self._manager.close()
 
 
+def _model_of(spec: dict, model: Model | None) -> Model:
+    """The saved spec's model: `model` when given (its spec must be the saved one)."""
+    if model is None:
+        return models.from_spec(spec)
+    if not isinstance(model, Model) or canonical_spec(model.spec) != canonical_spec(spec):
+        got = canonical_spec(model.spec) if isinstance(model, Model) else type(model).__name__
+        raise CheckpointError(f"expected model= with the saved spec {spec}, got {got}")
+    return model
+
+
 def _check_writable(directory: pathlib.Path) -> None:
     """Creates `directory` and proves it writable with a probe file (OSError if not)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -543,7 +555,9 @@ def _abstract_tree(model: Model, tx, meta: dict):
 # ------------------------------------------------------------------ public API
 
 
-def restore(run_dir, *, step: int | None = None, optimizer=None) -> tuple[Model, TrainState]:
+def restore(
+    run_dir, *, step: int | None = None, optimizer=None, model: Model | None = None
+) -> tuple[Model, TrainState]:
     """`(model, state)` from a run directory's checkpoint, with no user code.
 
     The spec rebuilds the model; the optimizer is rebuilt from the run's config
@@ -553,13 +567,16 @@ def restore(run_dir, *, step: int | None = None, optimizer=None) -> tuple[Model,
       run_dir: the run directory (`fit(..., checkpoint_dir=run_dir)`).
       step: which checkpoint (default: the latest).
       optimizer: the run's optax optimizer, if it cannot be rebuilt by name.
+      model: the run's model (its spec must be the saved one), for a model the
+        spec cannot rebuild, e.g. a Flax module defined in `__main__` or with
+        non-JSON constructor arguments.
 
     Raises:
       CheckpointError: no checkpoint, or a corrupt or mismatched one.
     """
     checkpoints = Checkpointer(_existing(run_dir), read_only=True)
     try:
-        restored = checkpoints.restore(step, optimizer=optimizer)
+        restored = checkpoints.restore(step, optimizer=optimizer, model=model)
     finally:
         checkpoints.close()
     return restored.model, restored.state

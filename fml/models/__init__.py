@@ -1,6 +1,7 @@
 """Model families. Each factory closes over hyperparameters and returns a `Model`.
 
-Families: `linear_regression`, `logistic_regression`, `svm`, `mlp`, `cnn`, `rnn`.
+Families: `linear_regression`, `logistic_regression`, `svm`, `mlp`, `cnn`, `rnn`,
+and `flax` (a Flax Linen or NNX module, `from_flax`; flax is imported only then).
 `from_spec(model.spec)` rebuilds any of them; `default_loss` and
 `default_metric` give each family's objective.
 """
@@ -8,6 +9,7 @@ Families: `linear_regression`, `logistic_regression`, `svm`, `mlp`, `cnn`, `rnn`
 from fml._model import Model, canonical_spec
 from fml.errors import ConfigError, FmlError, unknown
 from fml.models._cnn import avg_pool, cnn, conv, dense, dropout, flatten, max_pool
+from fml.models._flax import flax_module, from_flax
 from fml.models._linear import least_squares, linear_regression, logistic_regression, svm
 from fml.models._mlp import mlp
 from fml.models._rnn import rnn
@@ -19,6 +21,7 @@ FAMILIES = {
     "mlp": mlp,
     "cnn": cnn,
     "rnn": rnn,
+    "flax": flax_module,
 }
 
 
@@ -87,6 +90,7 @@ __all__ = [
     "dense",
     "dropout",
     "flatten",
+    "from_flax",
     "from_spec",
     "is_deterministic",
     "l2_strength",
