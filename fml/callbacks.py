@@ -451,9 +451,9 @@ class Checkpoint(Callback):
         return self.checkpointer.describe_latest()
 
     def on_train_begin(self, loop):
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, keep=self.keep)
         self.lock = contextlib.ExitStack()  # one writer of the run directory at a time
         self.lock.enter_context(lock.run_lock(self.run_dir, writer=loop.main))
-        self.checkpointer = checkpoint.Checkpointer(self.run_dir, keep=self.keep)
 
     def restore(self, loop):
         restored = self.checkpointer.start(
