@@ -307,12 +307,31 @@ class DataParallel:
         on its devices as part of the global array."""
         return shard_batch(batch, self.mesh, stacked=self.stacked)
 
-    def host_runner(self, train_step: Callable, stream) -> HostRunner:
-        """Per-replica steps fed by `stream`: each process reads its columns of every
-        global batch (`stream.batches`) and places them on its devices."""
+    def programs(
+        self,
+        train_step: Callable,
+        *,
+        fused: bool,
+        batch_size: int = 0,
+        drop_remainder: bool = False,
+        shuffle: bool = True,
+    ) -> tuple:
+        """The compiled per-replica programs a runner takes: `(step,)` host-fed (its
+        dispatch bounded for pmap on XLA:CPU), `(epoch, steps)` fused."""
+        if fused:
+            epoch = self.epoch(
+                train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
+            )
+            return epoch, self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
         step = self.step(train_step)
         if self.stacked and self.mesh.devices.flat[0].platform == "cpu":
             step = bounded_dispatch(step)  # else XLA:CPU may abort (see PMAP_IN_FLIGHT)
+        return (step,)
+
+    def host_runner(self, programs: tuple, stream) -> HostRunner:
+        """Per-replica steps (`programs(..., fused=False)`) fed by `stream`: each process
+        reads its columns of every global batch and places them on its devices."""
+        (step,) = programs
         return HostRunner(
             step, stream, stream.steps_per_epoch, put=self.put_local_batch, local=self.local
         )
@@ -331,14 +350,12 @@ class DataParallel:
         )
 
     def fused_runner(
-        self, train_step: Callable, x, y, *, seed, batch_size, drop_remainder, shuffle
+        self, programs: tuple, x, y, *, seed, batch_size, drop_remainder, shuffle
     ) -> FusedRunner:
-        """Fused epochs over `(x, y)` replicated on every device; every replica draws
-        the same batches (`fml.batching`) and trains on its rows of each."""
-        run_epoch = self.epoch(
-            train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
-        )
-        run_steps = self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
+        """Fused epochs (`programs(..., fused=True)`) over `(x, y)` replicated on every
+        device; every replica draws the same batches (`fml.batching`) and trains on its
+        rows of each."""
+        run_epoch, run_steps = programs
         x_dev, y_dev = self.replicate((x, y))
         return FusedRunner(
             run_epoch,

@@ -63,10 +63,13 @@ _COMPILED: dict = {}
 _MAX_COMPILED = 32
 
 
-def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_remainder, shuffle):
-    """The jitted programs of one runner kind ("step", "fused", "full_batch"), reused
-    when the same model object is fitted again with the same settings, so a second
-    `fit` does not compile again (a float learning rate is state, not a constant)."""
+def _programs(
+    model: Model, settings: tuple, kind: str, *, batch_size, drop_remainder, shuffle, dp=None
+):
+    """The jitted programs of one runner kind ("step", "fused", "full_batch"), on one
+    device or per replica over `dp`'s mesh, reused when the same model object is
+    fitted again with the same settings, so a second `fit` does not compile again (a
+    float learning rate is state, not a constant)."""
     loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs, penalize = settings
     key = (
         model.init,
@@ -82,6 +85,7 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
         batch_size,
         drop_remainder,
         shuffle,
+        dp,
     )
     try:
         programs = _COMPILED.get(key)
@@ -92,8 +96,17 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
             optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
         )
         objective = make_objective(model, loss, task)
-        train_step = make_train_step(model, objective, tx, penalize=penalize)
-        if kind == "full_batch":
+        axis = parallel_lib.AXIS if dp is not None else None
+        train_step = make_train_step(model, objective, tx, axis_name=axis, penalize=penalize)
+        if dp is not None:
+            programs = dp.programs(
+                train_step,
+                fused=kind == "fused",
+                batch_size=batch_size,
+                drop_remainder=drop_remainder,
+                shuffle=shuffle,
+            )
+        elif kind == "full_batch":
             iterations = make_full_batch_iterations(model, objective, tx, train_step)
             programs = (jax.jit(iterations, static_argnames="capacity", donate_argnums=0),)
         elif kind == "fused":
@@ -147,14 +160,20 @@ def _runner(model, objective, tx, settings, splits: inputs.Splits, plan: Plan, d
         return FullBatchRunner(iterations, jax.device_put(x), jax.device_put(y), plan.tol)
     order = {"seed": plan.seed, "drop_remainder": plan.drop_remainder, "shuffle": plan.shuffle}
     if dp is not None:
-        penalize = settings[-1]
-        train_step = make_train_step(
-            model, objective, tx, axis_name=parallel_lib.AXIS, penalize=penalize
+        kind = "fused" if plan.fused else "step"
+        programs = _programs(
+            model,
+            settings,
+            kind,
+            batch_size=plan.batch_size,
+            drop_remainder=plan.drop_remainder,
+            shuffle=plan.shuffle,
+            dp=dp,
         )
         if plan.fused:
-            return dp.fused_runner(train_step, x, y, batch_size=plan.batch_size, **order)
+            return dp.fused_runner(programs, x, y, batch_size=plan.batch_size, **order)
         stream = stream or dp.array_stream(x, y, batch_size=plan.batch_size, **order)
-        return dp.host_runner(train_step, stream)
+        return dp.host_runner(programs, stream)
     if plan.fused:
         run_epoch, run_steps = _programs(
             model,
