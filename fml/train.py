@@ -21,6 +21,7 @@ from fml import data as data_lib
 from fml import losses as losses_lib
 from fml import metrics as metrics_lib
 from fml import models as models_lib
+from fml import proximal  # [accuracy]
 from fml._model import Model
 from fml.data import Dataset, check_arrays, check_labels
 from fml.data._embedded import as_array
@@ -483,6 +484,7 @@ def fit(
     loss=None,
     metric=None,
     l2: float | None = None,
+    l1: float = 0.0,  # [accuracy] L1 penalty (fml.proximal)
     validation: float = 0.0,
     patience: int | None = None,
     fused: bool = False,
@@ -517,6 +519,9 @@ def fit(
       loss, metric: override the family's defaults (names or callables).
       l2: coefficient of `0.5 * sum(w²)` in the objective; by default the family's
         (`1 / (C n)` for the SVM, else 0).
+      l1: coefficient of `sum |w|` (weights, not biases): with optimizer "fista" a
+        full-batch FISTA solve to the sparse optimum, else the optimizer's step
+        followed by a soft-threshold (`fml.proximal`); with `l2`, elastic net.
       validation: fraction of `(x, y)` held out for validation (arrays only).
       patience: stop when validation loss has not improved for this many epochs,
         and return the best epoch's params.
@@ -619,6 +624,18 @@ def fit(
     batch_size = num_examples if full_batch else batch_size
     if batch_size > num_examples and drop_remainder:
         raise ConfigError(f"batch_size {batch_size} > {num_examples} examples with drop_remainder")
+    optimizer, batch_size = proximal.l1_optimizer(  # [accuracy] L1 as a proximal step
+        optimizer,
+        l1,
+        batch_size,
+        num_examples,
+        functools.partial(
+            make_optimizer,
+            learning_rate=learning_rate,
+            clip_norm=clip_norm,
+            **(optimizer_kwargs or {}),
+        ),
+    )
     tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
     if l2 is None:
         l2 = models_lib.l2_strength(model.spec, num_examples)
