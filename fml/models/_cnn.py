@@ -105,20 +105,22 @@ def _apply_layer(layer: dict, params, x, *, key, train):
     return layers.dropout(x, layer["rate"], key=key, train=train)
 
 
-def _init_layer(layer: dict, key, in_shape: tuple):
+def _init_layer(layer: dict, key, in_shape: tuple, init: str):
     kind = layer["type"]
     if kind == "conv":
         kernel = _spatial(layer["kernel"], len(in_shape) - 1)
-        return layers.conv_init(key, in_shape[-1], layer["features"], kernel)
+        return layers.conv_init(key, in_shape[-1], layer["features"], kernel, init=init)
     if kind == "dense":
         size = 1
         for d in in_shape:
             size *= d
-        return layers.dense_init(key, size, layer["features"])
+        return layers.dense_init(key, size, layer["features"], init=init)
     return None
 
 
-def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
+def cnn(
+    layer_specs: Sequence[dict], num_classes: int | None = None, *, init: str = "lecun"
+) -> Model:
     """A convolutional network from a list of layer specs.
 
     Args:
@@ -126,6 +128,8 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
         `dropout` from `fml.models`. 1D or 2D follows from the input shape given
         to `init`: `(W, C)` or `(H, W, C)`.
       num_classes: if given, a final linear dense layer with this many outputs.
+      init: "lecun" (fml's: LeCun-normal weights, zero biases) or "torch"
+        (PyTorch's `nn.Conv*`/`nn.Linear` defaults: uniform in ±1/√fan_in).
 
     Example (the seed MNIST net):
       >>> import jax, fml
@@ -142,7 +146,8 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
         raise ConfigError("cnn needs at least one layer")
     for i, layer in enumerate(specs):
         _check_layer(layer, i)
-    spec = {"family": "cnn", "layer_specs": specs, "num_classes": None}
+    spec = {"family": "cnn", "layer_specs": specs, "num_classes": None, "init": init}
+    layers.check_init(init)
     names = [f"{layer['type']}_{i}" for i, layer in enumerate(specs)]
 
     def init(key, input_shape):
@@ -156,7 +161,7 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
                 raise ShapeError(
                     f"cnn: input_shape {shape} is too small: layer {name} gets {x.shape[1:]}"
                 )
-            p = _init_layer(layer, k, tuple(x.shape[1:]))
+            p = _init_layer(layer, k, tuple(x.shape[1:]), spec["init"])
             if p is not None:
                 params[name] = p
             x = jax.eval_shape(

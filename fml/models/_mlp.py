@@ -10,13 +10,17 @@ from fml.errors import ConfigError, in_range
 from fml.models._common import flat_features, input_size, positive_int
 
 
-def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0) -> Model:
+def mlp(
+    widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0, init: str = "lecun"
+) -> Model:
     """A stack of dense layers on the flattened input; the last layer is linear.
 
     Args:
       widths: output width of each layer, e.g. `[128, 10]` for 784-128-10.
       activation: between layers (see `fml.layers.ACTIVATIONS`).
       dropout: probability of dropping each hidden unit in training.
+      init: "lecun" (fml's: LeCun-normal weights, zero biases) or "torch"
+        (PyTorch's `nn.Linear` defaults: uniform in ±1/√fan_in); see `fml.layers.INITS`.
 
     Example:
       >>> import jax, fml
@@ -32,14 +36,20 @@ def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0
         raise ConfigError("mlp needs at least one width (the output layer)")
     act = layers.activation(activation)
     dropout = in_range(dropout, "dropout rate", 0.0, 1.0)
-    spec = {"family": "mlp", "widths": widths, "activation": activation, "dropout": float(dropout)}
+    spec = {
+        "family": "mlp",
+        "widths": widths,
+        "activation": activation,
+        "dropout": float(dropout),
+        "init": layers.check_init(init),
+    }
     names = [f"dense_{i}" for i in range(len(widths))]
 
     def init(key, input_shape):
         sizes = [input_size(input_shape), *widths]
         keys = jax.random.split(key, len(widths))
         return {
-            name: layers.dense_init(k, n_in, n_out)
+            name: layers.dense_init(k, n_in, n_out, init=spec["init"])
             for name, k, n_in, n_out in zip(names, keys, sizes[:-1], sizes[1:])
         }
 

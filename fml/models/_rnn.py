@@ -37,6 +37,7 @@ def rnn(
     bidirectional: bool = False,
     return_sequences: bool = False,
     num_classes: int | None = None,
+    init: str = "lecun",
 ) -> Model:
     """A (stacked, optionally bidirectional) recurrent network, one `lax.scan` per layer.
 
@@ -48,6 +49,8 @@ def rnn(
       return_sequences: return every step `[B, T, ...]` rather than the final state.
       num_classes: if given, a linear head on the output (per step with
         `return_sequences`).
+      init: the head's init, "lecun" (default) or "torch" (PyTorch's `nn.Linear`);
+        the cells always take PyTorch's (uniform in ±1/√hidden).
 
     `apply(params, x, *, key=None, train=False, lengths=None)`: `x` is `[B, T, D]`;
     `lengths` (int `[B]`) marks valid steps. Without `return_sequences` the output
@@ -75,6 +78,7 @@ def rnn(
         "bidirectional": bool(bidirectional),
         "return_sequences": bool(return_sequences),
         "num_classes": num_classes,
+        "init": fml_layers.check_init(init),
     }
     names = _layer_names(layers, bidirectional)
     directions = len(names[0])
@@ -90,7 +94,9 @@ def rnn(
             for name in layer_names:
                 params[name] = fml_layers.cell_init(next(keys), cell_fn.gates, in_features, hidden)
         if num_classes is not None:
-            params["head"] = fml_layers.dense_init(next(keys), hidden * directions, num_classes)
+            params["head"] = fml_layers.dense_init(
+                next(keys), hidden * directions, num_classes, init=spec["init"]
+            )
         return params
 
     def apply(params, x_BxTxD, *, key=None, train=False, lengths=None):
