@@ -45,12 +45,13 @@ CONFIG_KEYS = (
     "fallback",
 )
 
-# When a named (TFDS) set cannot be loaded, the embedded set of the same kind.
+# When a named (TFDS) set cannot be loaded, the embedded set of the same kind
+# (real MNIST digits for the 28x28 grey sets).
 FALLBACKS = {
-    "mnist": "digits",
-    "fashion_mnist": "digits",
-    "kmnist": "digits",
-    "emnist": "digits",
+    "mnist": "mnist5k",
+    "fashion_mnist": "mnist5k",
+    "kmnist": "mnist5k",
+    "emnist": "mnist5k",
     "cifar10": "digits",
     "cifar100": "digits",
 }

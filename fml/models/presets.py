@@ -130,6 +130,7 @@ DATA_KINDS = {
     "mnist1d": "mnist1d",
     "mnist1d_shuffled": "mnist1d",
     "mnist": "grey_images",
+    "mnist5k": "grey_images",
     "fashion_mnist": "grey_images",
     "kmnist": "grey_images",
     "emnist": "grey_images",
