@@ -107,6 +107,10 @@ def test_mnist1d_table_markdown(mnist1d_rows):
     cnn = [line for line in lines if line.startswith("| cnn ")][0]
     mean = 100 * rows[[r.label for r in rows].index("cnn")].accuracies[0]
     assert f"{mean:.1f} ± 0.0" in cnn and "| 94 |" in cnn
+    (cnn_row,) = [r for r in rows if r.label == "cnn"]
+    assert 0.5 < cnn_row.pytorch[0] <= 1.0  # the paper's ConvBase, 15% of its 8000 steps
+    assert f"| {100 * cnn_row.pytorch[0]:.1f} ± 0.0 |" in cnn
+    assert all(r.pytorch is None for r in rows if r.label != "cnn")
     path = experiment.save_table(table, out)
     assert path.read_text().startswith("Device: CPU")
 
@@ -116,6 +120,8 @@ def test_goal_column_states_shortfalls():
     assert report._goal(row) == "paper met; stretch short by 1.0 pts"
     low = row._replace(accuracies=[0.90, 0.91])
     assert report._goal(low) == "**below paper by 3.5 pts**"
+    beaten = row._replace(pytorch=[0.95, 0.96])
+    assert report._goal(beaten) == "paper met; **below PyTorch by 1.5 pts**"
 
 
 def test_recipes_reject_what_they_cannot_build():
