@@ -85,7 +85,19 @@ def train(
       steps: steps in all (cycling over the data), as the MNIST-1D notebook counts.
       shuffle: reshuffle every epoch (seeded), else the data in order.
       seed: seeds the shuffling.
+
+    Runs on one torch thread (restored after): at these sizes a second thread only
+    waits, and on a loaded machine its spinning makes each step many times slower.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(module, data, learning_rate, batch_size, epochs, steps, shuffle, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(module, data, learning_rate, batch_size, epochs, steps, shuffle, seed) -> float:
     x, y = _channels_first(data.x_train), torch.as_tensor(np.asarray(data.y_train, np.int64))
     n = len(x)
     per_epoch = -(-n // batch_size)
