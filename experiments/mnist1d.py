@@ -3,7 +3,10 @@
 shuffled-sequence variant, next to the figures of the MNIST-1D paper.
 
 Each run writes its own run directory (with `curves.png`); the table goes to
-`OUT/table.md`.
+`OUT/table.md`. The CNN rows carry a PyTorch reference measured in the same run:
+the paper's own `ConvBase` in plain PyTorch (`experiments/torch_reference.py`) with its
+notebook's protocol (Adam 1e-2, batch 100, 8,000 steps over the data in order,
+PyTorch's default init), on the same arrays and seeds.
 """
 
 import concurrent.futures
@@ -11,7 +14,8 @@ import multiprocessing
 import pathlib
 from typing import NamedTuple
 
-from experiments import tables
+from experiments import tables, torch_reference
+from fml import data as data_lib
 from fml import experiment
 
 # Test accuracy reported in Greydanus & Kobak, "Scaling down deep learning with MNIST-1D".
@@ -19,6 +23,10 @@ MNIST1D_PAPER = {"logistic_regression": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0
 MNIST1D_SHUFFLED_PAPER = {"cnn": 0.56, "gru": 0.57}
 # Our stretch goals, above the paper.
 STRETCH = {"cnn": 0.95, "gru": 0.93}
+# The MNIST-1D notebook's protocol for the paper's ConvBase, the PyTorch reference.
+CONV_BASE_PROTOCOL = {"learning_rate": 1e-2, "batch_size": 100, "steps": 8000, "shuffle": False}
+# Rows with a PyTorch reference (by label).
+PYTORCH_REFERENCES = {"cnn": torch_reference.conv_base}
 
 
 class Entry(NamedTuple):
@@ -49,6 +57,7 @@ class TableRow(NamedTuple):
     paper: float | None
     stretch: float | None
     run_dirs: list[pathlib.Path]
+    pytorch: list[float] | None = None  # the PyTorch reference's accuracy per seed
 
 
 class Job(NamedTuple):
@@ -62,9 +71,22 @@ class Job(NamedTuple):
     resume: bool = False
 
 
-def _run_job(job: Job) -> tuple[float, float, pathlib.Path]:
+def _pytorch_reference(job: Job) -> float | None:
+    """The PyTorch reference's test accuracy for `job`'s entry, data set and seed
+    (its steps times `job.scale`), or None where the entry has none."""
+    build = PYTORCH_REFERENCES.get(job.entry.label)
+    if build is None:
+        return None
+    protocol = dict(CONV_BASE_PROTOCOL)
+    protocol["steps"] = max(1, round(protocol["steps"] * job.scale))
+    torch_reference.seeded(job.seed)
+    return torch_reference.train(build(), data_lib.load(job.dataset), seed=job.seed, **protocol)
+
+
+def _run_job(job: Job) -> tuple[float, float, pathlib.Path, float | None]:
     """Trains one (entry, data set, seed), or with `resume` keeps a finished run of
-    the same config; returns (test accuracy, seconds, run dir)."""
+    the same config, and its PyTorch reference if it has one; returns (test
+    accuracy, seconds, run dir, PyTorch test accuracy or None)."""
     config = experiment.make_config(
         job.entry.family, job.dataset, cell=job.entry.cell, seed=job.seed, validation=0.0
     )
@@ -81,7 +103,13 @@ def _run_job(job: Job) -> tuple[float, float, pathlib.Path]:
         f"{test['accuracy']:.4f} ({seconds:.1f} s{', kept' if kept else ''})",
         flush=True,
     )
-    return test["accuracy"], seconds, run_dir
+    reference = _pytorch_reference(job)
+    if reference is not None:
+        print(
+            f"  {job.dataset} {job.entry.label} seed {job.seed}: PyTorch {reference:.4f}",
+            flush=True,
+        )
+    return test["accuracy"], seconds, run_dir, reference
 
 
 def _run_jobs(jobs: list[Job], workers: int) -> list[tuple]:
@@ -132,11 +160,12 @@ def table_rows(
             TableRow(
                 entry.label,
                 dataset,
-                [accuracy for accuracy, _, _ in done],
-                [seconds for _, seconds, _ in done],
+                [accuracy for accuracy, *_ in done],
+                [seconds for _, seconds, *_ in done],
                 paper.get(entry.label),
                 STRETCH.get(entry.label) if dataset == "mnist1d" else None,
-                [run_dir for _, _, run_dir in done],
+                [run_dir for _, _, run_dir, _ in done],
+                None if done[0][3] is None else [reference for *_, reference in done],
             )
         )
     return rows
@@ -148,6 +177,10 @@ def _goal(row: TableRow) -> str:
     mean, _ = tables.mean_std(row.accuracies)
     if mean < row.paper:
         return f"**below paper by {100 * (row.paper - mean):.1f} pts**"
+    if row.pytorch is not None:
+        reference, _ = tables.mean_std(row.pytorch)
+        if mean < reference:
+            return f"paper met; **below PyTorch by {100 * (reference - mean):.1f} pts**"
     if row.stretch is not None:
         if mean >= row.stretch:
             return "paper and stretch met"
@@ -163,6 +196,7 @@ def markdown(rows: list[TableRow]) -> str:
         "data set",
         f"test accuracy % (mean ± std, {seeds} seeds)",
         "paper %",
+        "PyTorch ConvBase % (same run)",
         "goal",
         "train s per seed",
     ]
@@ -171,12 +205,17 @@ def markdown(rows: list[TableRow]) -> str:
         mean, std = tables.mean_std(row.accuracies)
         seconds, _ = tables.mean_std(row.seconds)
         paper = f"{100 * row.paper:.0f}" if row.paper is not None else "–"
+        pytorch = "–"
+        if row.pytorch is not None:
+            reference, spread = tables.mean_std(row.pytorch)
+            pytorch = f"{100 * reference:.1f} ± {100 * spread:.1f}"
         body.append(
             [
                 row.label,
                 row.dataset,
                 f"{100 * mean:.1f} ± {100 * std:.1f}",
                 paper,
+                pytorch,
                 _goal(row),
                 f"{seconds:.1f}",
             ]

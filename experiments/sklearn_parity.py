@@ -5,7 +5,11 @@ Criteria (`Case.check`): linear regression's closed form equals LinearRegression
 R² to 1e-4 and SGD is within 0.01; logistic regression is within 1 point of
 LogisticRegression (same objective: sklearn's default `C=1` L2 penalty is
 `fit(l2=1 / (C n))`); the SVM reaches at least LinearSVC's accuracy (same
-squared-hinge objective and `C`), and the MLP at least MLPClassifier's.
+squared-hinge objective and `C`), and the MLP at least MLPClassifier's. The L1
+rows (FISTA, `fit(optimizer="fista", l1=...)`) solve the objectives of Lasso
+(`l1 = 2 alpha`: fml's mse has no half) and of saga's L1 logistic regression
+(`l1 = 1 / (C n)`); they equal scikit-learn's scores (tests/test_proximal.py
+checks the zero pattern and the objective to 1e-4).
 
     python experiments/sklearn_parity.py [--out runs/parity] [--scale 1.0]
 """
@@ -82,7 +86,7 @@ def _sklearn_l2(n: int, C: float = 1.0) -> float:
 
 
 def cases() -> list[Case]:
-    from sklearn.linear_model import LinearRegression, LogisticRegression
+    from sklearn.linear_model import Lasso, LinearRegression, LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.svm import LinearSVC
 
@@ -134,7 +138,29 @@ def cases() -> list[Case]:
             "within",
             0.01,
         ),
+        Case(
+            "linear_regression L1 (FISTA, Lasso alpha=1)",
+            "diabetes",
+            "linear_regression-l1-diabetes",
+            lambda d: models.linear_regression(),
+            {"optimizer": "fista", "epochs": 300, "l1": 2.0},
+            lambda: Lasso(alpha=1.0, tol=1e-12, max_iter=100_000),
+            "equal",
+            1e-4,
+        ),
         logistic("breast_cancer"),
+        Case(
+            "logistic_regression L1 (FISTA, C=0.1)",
+            "breast_cancer",
+            "logistic_regression-l1-breast_cancer",
+            lambda d: models.logistic_regression(classes(d)),
+            {"optimizer": "fista", "epochs": 300, "l1": lambda n: _sklearn_l2(n, 0.1)},
+            lambda: LogisticRegression(
+                l1_ratio=1.0, solver="saga", C=0.1, tol=1e-10, max_iter=100_000
+            ),
+            "equal",
+            1e-6,
+        ),
         logistic("digits"),
         svm("breast_cancer"),
         svm("digits"),
@@ -174,8 +200,9 @@ def _train(case: Case, model, dataset, scale: float):
         return params, {"test": test}, {"solver": "least_squares"}
     kwargs = dict(case.fit_kwargs)
     kwargs["epochs"] = max(1, round(kwargs["epochs"] * scale))
-    if callable(kwargs.get("l2")):
-        kwargs["l2"] = kwargs["l2"](len(dataset.x_train))
+    for penalty in ("l1", "l2"):
+        if callable(kwargs.get(penalty)):
+            kwargs[penalty] = kwargs[penalty](len(dataset.x_train))
     fused = kwargs["optimizer"] != "lbfgs"
     state, history = fit(model, dataset, quiet=True, fused=fused, **kwargs)
     if kwargs.get("learning_rate") is _SGD_SCHEDULE:

@@ -61,6 +61,7 @@ TRAJECTORY = (
     "seed",
     "loss",
     "l2",
+    "l1",
     "tol",
     "task",
     "input_shape",

@@ -51,10 +51,10 @@ CONFIG_KEYS = (
 # The embedded set of the same kind as a TFDS set, to name in errors and to use
 # when a config asks for a fallback (`fallback="digits"`, `fml train --fallback digits`).
 FALLBACKS = {
-    "mnist": "digits",
-    "fashion_mnist": "digits",
-    "kmnist": "digits",
-    "emnist": "digits",
+    "mnist": "mnist5k",
+    "fashion_mnist": "mnist5k",
+    "kmnist": "mnist5k",
+    "emnist": "mnist5k",
     "cifar10": "digits",
     "cifar100": "digits",
 }

@@ -52,8 +52,35 @@ def add_bias(y, b):
     return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
 
-def dense_init(key, in_features: int, out_features: int, dtype=jnp.float32) -> dict:
-    """`{"w": [in, out], "b": [out]}` with LeCun-normal weights and zero bias."""
+# Initialisers of dense and conv layers: fml's ("lecun": LeCun-normal weights, zero
+# biases) and PyTorch's defaults ("torch": `nn.Linear`/`nn.Conv*`'s kaiming-uniform
+# with a=√5, i.e. weights and biases uniform in ±1/√fan_in).
+INITS = ("lecun", "torch")
+
+
+def check_init(init: str) -> str:
+    """`init` if it names an initialiser in `INITS`, else `ConfigError`."""
+    if init not in INITS:
+        raise unknown("init", init, INITS)
+    return init
+
+
+def _torch_uniform(key, w_shape, fan_in: int, dtype) -> dict:
+    bound = 1.0 / math.sqrt(fan_in)
+    k_w, k_b = jax.random.split(key)
+    return {
+        "w": jax.random.uniform(k_w, w_shape, dtype, -bound, bound),
+        "b": jax.random.uniform(k_b, w_shape[-1:], dtype, -bound, bound),
+    }
+
+
+def dense_init(
+    key, in_features: int, out_features: int, dtype=jnp.float32, *, init: str = "lecun"
+) -> dict:
+    """`{"w": [in, out], "b": [out]}`: LeCun-normal weights and zero bias ("lecun"),
+    or PyTorch's `nn.Linear` init, both uniform in ±1/√in ("torch")."""
+    if check_init(init) == "torch":
+        return _torch_uniform(key, (in_features, out_features), in_features, dtype)
     w = jax.nn.initializers.lecun_normal()(key, (in_features, out_features), dtype)
     return {"w": w, "b": jnp.zeros((out_features,), dtype)}
 
@@ -73,9 +100,21 @@ def flatten(x):
 Padding = str | int | Sequence[tuple[int, int]]
 
 
-def conv_init(key, in_channels: int, out_channels: int, kernel: Sequence[int], dtype=jnp.float32):
-    """`{"w": [*kernel, in, out], "b": [out]}` (WIO for 1D, HWIO for 2D)."""
+def conv_init(
+    key,
+    in_channels: int,
+    out_channels: int,
+    kernel: Sequence[int],
+    dtype=jnp.float32,
+    *,
+    init: str = "lecun",
+):
+    """`{"w": [*kernel, in, out], "b": [out]}` (WIO for 1D, HWIO for 2D): LeCun-normal
+    weights and zero bias ("lecun"), or PyTorch's `nn.Conv*` init, both uniform in
+    ±1/√fan_in with `fan_in = in * prod(kernel)` ("torch")."""
     shape = (*kernel, in_channels, out_channels)
+    if check_init(init) == "torch":
+        return _torch_uniform(key, shape, in_channels * math.prod(kernel), dtype)
     w = jax.nn.initializers.lecun_normal(in_axis=(*range(len(kernel)), -2))(key, shape, dtype)
     return {"w": w, "b": jnp.zeros((out_channels,), dtype)}
 

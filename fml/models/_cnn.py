@@ -105,21 +105,25 @@ def _apply_layer(layer: dict, params, x, *, key, train):
     return layers.dropout(x, layer["rate"], key=key, train=train)
 
 
-def _init_layer(layer: dict, key, in_shape: tuple):
+def _init_layer(layer: dict, key, in_shape: tuple, init: str):
     kind = layer["type"]
     if kind == "conv":
         kernel = _spatial(layer["kernel"], len(in_shape) - 1)
-        return layers.conv_init(key, in_shape[-1], layer["features"], kernel)
+        return layers.conv_init(key, in_shape[-1], layer["features"], kernel, init=init)
     if kind == "dense":
         size = 1
         for d in in_shape:
             size *= d
-        return layers.dense_init(key, size, layer["features"])
+        return layers.dense_init(key, size, layer["features"], init=init)
     return None
 
 
 def cnn(
-    layer_specs: Sequence[dict], num_classes: int | None = None, *, dtype: str = "float32"
+    layer_specs: Sequence[dict],
+    num_classes: int | None = None,
+    *,
+    init: str = "lecun",
+    dtype: str = "float32",
 ) -> Model:
     """A convolutional network from a list of layer specs.
 
@@ -128,6 +132,8 @@ def cnn(
         `dropout` from `fml.models`. 1D or 2D follows from the input shape given
         to `init`: `(W, C)` or `(H, W, C)`.
       num_classes: if given, a final linear dense layer with this many outputs.
+      init: "lecun" (fml's: LeCun-normal weights, zero biases) or "torch"
+        (PyTorch's `nn.Conv*`/`nn.Linear` defaults: uniform in ±1/√fan_in).
       dtype: the compute dtype (as `mlp`'s).
 
     Example (the seed MNIST net):
@@ -149,6 +155,7 @@ def cnn(
         "family": "cnn",
         "layer_specs": specs,
         "num_classes": None,
+        "init": layers.check_init(init),
         "dtype": compute_dtype(dtype),
     }
     names = [f"{layer['type']}_{i}" for i, layer in enumerate(specs)]
@@ -164,7 +171,7 @@ def cnn(
                 raise ShapeError(
                     f"cnn: input_shape {shape} is too small: layer {name} gets {x.shape[1:]}"
                 )
-            p = _init_layer(layer, k, tuple(x.shape[1:]))
+            p = _init_layer(layer, k, tuple(x.shape[1:]), spec["init"])
             if p is not None:
                 params[name] = p
             x = jax.eval_shape(

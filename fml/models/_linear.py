@@ -20,9 +20,11 @@ from fml.models._common import (
 
 def _linear_model(spec: dict, outputs: int) -> Model:
     family = spec["family"]
+    spec["init"] = layers.check_init(spec["init"])
 
     def init(key, input_shape):
-        return {"dense": layers.dense_init(key, input_size(input_shape), outputs)}
+        size = input_size(input_shape)
+        return {"dense": layers.dense_init(key, size, outputs, init=spec["init"])}
 
     def apply(params, x, *, key=None, train=False):
         del key, train
@@ -32,11 +34,12 @@ def _linear_model(spec: dict, outputs: int) -> Model:
     return Model(init, in_compute_dtype(apply, spec["dtype"], family), spec)
 
 
-def linear_regression(outputs: int = 1, *, dtype: str = "float32") -> Model:
+def linear_regression(outputs: int = 1, *, init: str = "lecun", dtype: str = "float32") -> Model:
     """Ordinary least squares: `y = x @ w + b`, output `[B, outputs]`.
 
     Its default loss is mean squared error and its metric R². For the exact fit
-    use `fml.models.least_squares`. `dtype` is the compute dtype (as `mlp`'s).
+    use `fml.models.least_squares`. `init`: "lecun" (default) or "torch" (see
+    `fml.layers.INITS`); `dtype` is the compute dtype (as `mlp`'s).
 
     Example:
       >>> import jax, fml
@@ -46,12 +49,17 @@ def linear_regression(outputs: int = 1, *, dtype: str = "float32") -> Model:
       (5, 1)
     """
     positive_int(outputs, "outputs")
-    spec = {"family": "linear_regression", "outputs": outputs, "dtype": compute_dtype(dtype)}
+    spec = {
+        "family": "linear_regression",
+        "outputs": outputs,
+        "init": init,
+        "dtype": compute_dtype(dtype),
+    }
     return _linear_model(spec, outputs)
 
 
 def logistic_regression(
-    num_classes: int, *, binary: str = "sigmoid", dtype: str = "float32"
+    num_classes: int, *, binary: str = "sigmoid", init: str = "lecun", dtype: str = "float32"
 ) -> Model:
     """Multinomial logistic regression; returns logits.
 
@@ -59,6 +67,8 @@ def logistic_regression(
       num_classes: number of classes, at least 2.
       binary: for 2 classes, "sigmoid" (one logit `[B, 1]`, sigmoid cross-entropy,
         as scikit-learn) or "softmax" (two logits `[B, 2]`). Ignored for more classes.
+      init: "lecun" (fml's: LeCun-normal weights, zero biases) or "torch"
+        (PyTorch's `nn.Linear` defaults: uniform in ±1/√fan_in); see `fml.layers.INITS`.
       dtype: the compute dtype (as `mlp`'s).
     """
     positive_int(num_classes, "num_classes")
@@ -71,19 +81,24 @@ def logistic_regression(
         "family": "logistic_regression",
         "num_classes": num_classes,
         "binary": binary,
+        "init": init,
         "dtype": compute_dtype(dtype),
     }
     return _linear_model(spec, outputs)
 
 
-def svm(num_classes: int, *, loss: str = "hinge", C: float = 1.0, dtype: str = "float32") -> Model:
+def svm(
+    num_classes: int, *, loss: str = "hinge", C: float = 1.0, init: str = "lecun",
+    dtype: str = "float32",
+) -> Model:
     """Linear soft-margin SVM; one score `[B, 1]` for 2 classes, else one-vs-rest `[B, K]`.
 
     The training objective is LinearSVC's divided by `C * n_train` (same minimiser):
     `mean_i hinge_i + ||W||² / (2 C n_train)`, with `loss` "hinge" or
     "squared_hinge". `fit` sets the penalty from `C` and the training-set size;
-    the sweep API passes `C` as data, so changing it does not recompile. `dtype`
-    is the compute dtype (as `mlp`'s).
+    the sweep API passes `C` as data, so changing it does not recompile. `init`:
+    "lecun" (default) or "torch" (see `fml.layers.INITS`); `dtype` is the compute
+    dtype (as `mlp`'s).
     """
     positive_int(num_classes, "num_classes")
     if num_classes < 2:
@@ -97,6 +112,7 @@ def svm(num_classes: int, *, loss: str = "hinge", C: float = 1.0, dtype: str = "
         "num_classes": num_classes,
         "loss": loss,
         "C": float(C),
+        "init": init,
         "dtype": compute_dtype(dtype),
     }
     return _linear_model(spec, 1 if num_classes == 2 else num_classes)

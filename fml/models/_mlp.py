@@ -21,6 +21,7 @@ def mlp(
     *,
     activation: str = "relu",
     dropout: float = 0.0,
+    init: str = "lecun",
     dtype: str = "float32",
 ) -> Model:
     """A stack of dense layers on the flattened input; the last layer is linear.
@@ -29,6 +30,8 @@ def mlp(
       widths: output width of each layer, e.g. `[128, 10]` for 784-128-10.
       activation: between layers (see `fml.layers.ACTIVATIONS`).
       dropout: probability of dropping each hidden unit in training.
+      init: "lecun" (fml's: LeCun-normal weights, zero biases) or "torch"
+        (PyTorch's `nn.Linear` defaults: uniform in ±1/√fan_in); see `fml.layers.INITS`.
       dtype: the compute dtype ("float32", "bfloat16", "float16"): params and
         inputs are cast to it in `apply`, outputs come back float32; params and
         optimizer state stay float32 (mixed precision).
@@ -52,6 +55,7 @@ def mlp(
         "widths": widths,
         "activation": activation,
         "dropout": float(dropout),
+        "init": layers.check_init(init),
         "dtype": compute_dtype(dtype),
     }
     names = [f"dense_{i}" for i in range(len(widths))]
@@ -60,7 +64,7 @@ def mlp(
         sizes = [input_size(input_shape), *widths]
         keys = jax.random.split(key, len(widths))
         return {
-            name: layers.dense_init(k, n_in, n_out)
+            name: layers.dense_init(k, n_in, n_out, init=spec["init"])
             for name, k, n_in, n_out in zip(names, keys, sizes[:-1], sizes[1:])
         }
 

@@ -38,6 +38,7 @@ def rnn(
     return_sequences: bool = False,
     num_classes: int | None = None,
     unroll: int = 1,
+    init: str = "lecun",
     dtype: str = "float32",
 ) -> Model:
     """A (stacked, optionally bidirectional) recurrent network, one `lax.scan` per layer.
@@ -53,6 +54,8 @@ def rnn(
       unroll: time steps per iteration of each scan's loop (`lax.scan`'s
         `unroll`): the same outputs, fewer loop iterations (on a GPU each runs
         one small matmul, launch-bound), a larger program.
+      init: the head's init, "lecun" (default) or "torch" (PyTorch's `nn.Linear`);
+        the cells always take PyTorch's (uniform in ±1/√hidden).
       dtype: the compute dtype (as `mlp`'s).
 
     `apply(params, x, *, key=None, train=False, lengths=None)`: `x` is `[B, T, D]`;
@@ -83,6 +86,7 @@ def rnn(
         "return_sequences": bool(return_sequences),
         "num_classes": num_classes,
         "unroll": unroll,
+        "init": fml_layers.check_init(init),
         "dtype": compute_dtype(dtype),
     }
     names = _layer_names(layers, bidirectional)
@@ -99,7 +103,9 @@ def rnn(
             for name in layer_names:
                 params[name] = fml_layers.cell_init(next(keys), cell_fn.gates, in_features, hidden)
         if num_classes is not None:
-            params["head"] = fml_layers.dense_init(next(keys), hidden * directions, num_classes)
+            params["head"] = fml_layers.dense_init(
+                next(keys), hidden * directions, num_classes, init=spec["init"]
+            )
         return params
 
     def apply(params, x_BxTxD, *, key=None, train=False, lengths=None):

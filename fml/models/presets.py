@@ -3,7 +3,7 @@
 `recipe(family, dataset)` is what `fml train`, the experiments and the main job
 use: the model a family gets on a data set, and the optimizer, learning rate,
 epochs and batch size it trains with. The MNIST-1D recipes are tuned against the
-MNIST-1D paper's table (without data augmentation).
+MNIST-1D paper's table (without data augmentation); each says where it comes from.
 """
 
 from collections.abc import Callable
@@ -50,9 +50,24 @@ def mnist1d_strided_cnn(num_classes: int = 10, channels: int = 25):
     return cnn(strided, num_classes)
 
 
-def mnist1d_rnn(cell: str = "gru", num_classes: int = 10):
-    """MNIST-1D RNN: one layer of 64 hidden units, classifier on the final state."""
-    return rnn(cell, 64, num_classes=num_classes)
+def mnist1d_conv_base(num_classes: int = 10, channels: int = 25, *, init: str = "lecun"):
+    """The MNIST-1D paper's `ConvBase` (Greydanus & Kobak; `mnist1d/models.py`):
+    Conv1d 1->C k5 s2 p1, C->C k3 s2 p1 twice (40 -> 19 -> 10 -> 5 steps), ReLU
+    after each, then a linear classifier on the 5C features."""
+    layers = [
+        conv(channels, 5, stride=2, padding=1),
+        conv(channels, 3, stride=2, padding=1),
+        conv(channels, 3, stride=2, padding=1),
+    ]
+    return cnn(layers, num_classes, init=init)
+
+
+def mnist1d_rnn(
+    cell: str = "gru", num_classes: int = 10, *, hidden: int = 64, bidirectional: bool = False
+):
+    """MNIST-1D RNN: one layer of `hidden` units (each way when `bidirectional`),
+    classifier on the final state(s)."""
+    return rnn(cell, hidden, bidirectional=bidirectional, num_classes=num_classes)
 
 
 def mnist1d_gru(num_classes: int = 10):
@@ -68,6 +83,7 @@ PRESETS = {
         mnist1d_mlp,
         mnist1d_cnn,
         mnist1d_strided_cnn,
+        mnist1d_conv_base,
         mnist1d_rnn,
         mnist1d_gru,
     )
@@ -128,8 +144,9 @@ _SVM = _classifier_only("svm", svm)
 # Data-set names grouped by the recipes they share.
 DATA_KINDS = {
     "mnist1d": "mnist1d",
-    "mnist1d_shuffled": "mnist1d",
+    "mnist1d_shuffled": "mnist1d_shuffled",
     "mnist": "grey_images",
+    "mnist5k": "grey_images",
     "fashion_mnist": "grey_images",
     "kmnist": "grey_images",
     "emnist": "grey_images",
@@ -140,13 +157,35 @@ DATA_KINDS = {
 
 
 def _recipes(kind: str, cell: str) -> dict[str, Recipe]:
+    if kind == "mnist1d_shuffled":
+        # The sequence order is a fixed random permutation: nothing local to follow
+        # left to right, and the one-way GRU of 64 underfits it (55.3% test for seed
+        # 0 at 30 epochs; paper: 57%). Read both ways, 32 units each, twice as long
+        # (seed 1: 54.1% for 64 each way at 30 epochs -> 56.9%; train accuracy 67%).
+        return {
+            **_recipes("mnist1d", cell),
+            "rnn": Recipe(
+                lambda s, k: mnist1d_rnn(cell, k, hidden=32, bidirectional=True),
+                "adam",
+                3e-3,
+                60,
+                100,
+            ),
+        }
     if kind == "mnist1d":
         return {
             # Convex: full-batch L-BFGS to the optimum (epochs are iterations).
             "logistic_regression": Recipe(_LOGISTIC, "lbfgs", 1.0, 100, 100),
             "svm": Recipe(lambda s, k: svm(k, loss="squared_hinge"), "lbfgs", 1.0, 100, 100),
+            # Wider than the paper's MLP (100-100) with dropout 0.5: 76.0% (paper 68%).
             "mlp": Recipe(lambda s, k: mnist1d_mlp(k), "adam", 3e-3, 60, 100),
-            "cnn": Recipe(lambda s, k: mnist1d_strided_cnn(k), "adam", 1e-2, 60, 100),
+            # The paper's ConvBase at 64 channels (25 in the paper) with PyTorch's
+            # init, trained by the paper notebook's protocol (Adam 1e-2, batch 100,
+            # 8,000 steps = 200 epochs): 95.8% for seed 0 (the paper's 25: 93.2%).
+            "cnn": Recipe(
+                lambda s, k: mnist1d_conv_base(k, 64, init="torch"), "adam", 1e-2, 200, 100
+            ),
+            # One GRU layer of 64, Adam 3e-3, 30 epochs: 96.0% (paper's GRU: 91%).
             "rnn": Recipe(lambda s, k: mnist1d_rnn(cell, k), "adam", 3e-3, 30, 100),
         }
     images = {
