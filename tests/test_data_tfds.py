@@ -1,6 +1,7 @@
 """tensorflow-datasets loading: mocked sets (`tfds.testing.mock_data`), sets prepared
 on disk in both file formats, streaming from disk, and the offline failure."""
 
+import shutil
 import sys
 import time
 
@@ -164,3 +165,35 @@ def test_embedded_sets_keep_their_behaviour():
         fml.data.load("digits", split=("train[:10%]", "test"))
     with pytest.raises(fml.errors.ConfigError, match=r"\(train, test\) pair"):
         fml.data.load("mnist", split="train")
+
+
+def test_grain_workers_stream_array_record_like_the_loaded_arrays(prepared):
+    dirs, _, _ = prepared
+    source = fml.data.tfds_source("mnist", split="train", data_dir=str(dirs["array_record"]))
+    data = fml.data.load("mnist", data_dir=str(dirs["array_record"]))
+    options = dict(batch_size=8, seed=4, epochs=2, process_index=0, process_count=2)
+    from_disk = fml.data.stream(source, workers=2, **options)
+    in_memory = BatchStream(ArraySource(data.x_train, data.y_train), **options)
+    count = 0
+    for a, b in zip(from_disk, in_memory, strict=True):
+        for k in ("x", "y", "mask"):
+            np.testing.assert_array_equal(jax.device_get(a[k]), jax.device_get(b[k]))
+        count += 1
+    assert count == 2 * N_TRAIN // 8
+
+
+@pytest.mark.parametrize("at", [0.3, 0.5])
+def test_a_corrupt_array_record_file_names_the_file_and_the_record(prepared, tmp_path, at):
+    dirs, _, _ = prepared
+    shutil.copytree(dirs["array_record"], tmp_path, dirs_exist_ok=True)
+    (path,) = tmp_path.glob("mnist/3.0.1/mnist-train.array_record-*")
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    source = fml.data.tfds_source("mnist", split="train", data_dir=str(tmp_path))
+    with pytest.raises(
+        DataError, match=rf"record \d+ \(file {path}, record \d+ of it\) is corrupt"
+    ):
+        for start in range(0, N_TRAIN, 8):
+            source.read(np.arange(start, start + 8))

@@ -1,5 +1,5 @@
 """Data: embedded sets that need no network, tensorflow-datasets sets prepared on
-disk, a streaming input pipeline (`BatchStream`) and validation of user arrays."""
+disk, Parquet and `.npy` sources, streams read by Grain (`stream`, `BatchStream`) and validation of user arrays."""
 
 from fml.data._embedded import (
     EMBEDDED,
@@ -10,6 +10,8 @@ from fml.data._embedded import (
     load_embedded,
     make_dataset,
 )
+from fml.data._grain import GrainStream, step_plan, stream
+from fml.data._sources import NpySource, ParquetSource, npy_source, parquet_files, parquet_source
 from fml.data._stream import (
     ArraySource,
     BatchStream,
@@ -79,6 +81,9 @@ __all__ = [
     "ArraySource",
     "BatchStream",
     "Dataset",
+    "GrainStream",
+    "NpySource",
+    "ParquetSource",
     "Position",
     "TfdsSource",
     "check_arrays",
@@ -87,7 +92,12 @@ __all__ = [
     "epoch_key",
     "global_batch_put",
     "load",
+    "npy_source",
+    "parquet_files",
+    "parquet_source",
     "prefetch",
     "read_batch",
+    "step_plan",
+    "stream",
     "tfds_source",
 ]

@@ -1,0 +1,277 @@
+"""Streams on Grain: fml's batch order, read and decoded by Grain worker processes.
+
+The global batch `s` of epoch `e` is row `s` of THE batch plan `step_plan(seed, e,
+...)` (fml's `epoch_indices` with `epoch_key(seed, e)`); Grain does the reading:
+a `grain.MapDataset` over the run's global steps whose element `g = e * S + s`
+reads this process's columns of that row from the source, `.to_iter_dataset()`,
+`.mp_prefetch()` worker processes for decoding (each computes the plan of the
+epochs it reads), then a thread placing batches on the device ahead of the step.
+Grain's own samplers and shuffles are not used, so the batches are those of the
+same data in memory, on any number of hosts and workers, and a run resumed at
+(epoch, step) reads exactly the batches it would have read.
+"""
+
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from fml.data._stream import BatchStream, Source, epoch_key, epoch_plan, prefetch
+from fml.errors import ConfigError, DataError, require
+
+# Steps ahead a stream with no epoch count reads up to (Grain wants a finite range).
+_OPEN_ENDED_STEPS = 1 << 40
+
+
+def _grain():
+    grain = require("grain", "data")
+    flags = require("absl.flags", "data")
+    if not flags.FLAGS.is_parsed():
+        # Grain's workers read absl flags; outside an absl app nobody parsed them.
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+def step_plan(
+    seed: int,
+    epoch: int,
+    num_examples: int,
+    batch_size: int,
+    *,
+    drop_remainder: bool,
+    shuffle: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """THE batch plan of an epoch, `(index_SxB, mask_SxB)` as numpy: the rows that
+    global step `s` reads and which of them are real (1) or padding (0).
+
+    Shuffled, these are `fml.train.epoch_indices(epoch_key(seed, epoch), ...)`, as in
+    `fit`; with `shuffle=False` the examples in order, the last batch padded.
+    """
+    if shuffle:
+        index, mask = zip(
+            *epoch_plan(epoch_key(seed, epoch), num_examples, batch_size, drop_remainder)
+        )
+        return np.stack(index), np.stack(mask)
+    steps = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+    flat = np.arange(steps * batch_size).reshape(steps, batch_size)
+    return np.where(flat < num_examples, flat, 0).astype(np.int32), (flat < num_examples).astype(
+        np.float32
+    )
+
+
+class _Plan:
+    """This process's columns of each step's plan row, the last epoch's cached."""
+
+    def __init__(self, seed, num_examples, batch_size, drop_remainder, shuffle, columns):
+        self.args = seed, num_examples, batch_size, drop_remainder, shuffle
+        self.columns = columns
+        self._epoch, self._rows = None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_epoch": None, "_rows": None}
+
+    def row(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch != self._epoch:
+            seed, n, batch_size, drop_remainder, shuffle = self.args
+            index_SxB, mask_SxB = step_plan(
+                seed, epoch, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle
+            )
+            self._epoch = epoch
+            self._rows = index_SxB[:, self.columns], mask_SxB[:, self.columns]
+        index_SxB, mask_SxB = self._rows
+        return index_SxB[step], mask_SxB[step]
+
+
+class _ReadStep:
+    """Grain's map function: global step `g` -> the host batch `{"x", "y", "mask"}`."""
+
+    def __init__(self, source: Source, plan: _Plan, steps_per_epoch: int):
+        self.source, self.plan, self.steps_per_epoch = source, plan, steps_per_epoch
+
+    def __call__(self, g: int) -> dict:
+        index_B, mask_B = self.plan.row(*divmod(int(g), self.steps_per_epoch))
+        return {**self.source.read(index_B), "mask": mask_B}
+
+
+def _cpu_worker(worker_index: int, worker_count: int) -> None:
+    """Grain worker init: the plan is computed with JAX on the CPU, never an accelerator."""
+    del worker_index, worker_count
+    jax.config.update("jax_platforms", "cpu")
+
+
+def _died(error: Exception) -> bool:
+    return isinstance(error, RuntimeError) and "terminated unexpectedly" in str(error)
+
+
+class GrainStream(BatchStream):
+    """A `BatchStream` whose batches Grain reads, in worker processes when `workers > 0`.
+
+    Same batches, positions, shards and options as `BatchStream` (see there), plus:
+
+    Args:
+      workers: Grain worker processes decoding batches (0: read in this process).
+        Each worker holds its own copy of the source (its caches) and imports JAX
+        (on the CPU) to compute the plan of the epochs it reads.
+      prefetch: batches each worker reads ahead, and batches placed on the device
+        ahead of the step (0: none).
+      shuffle: False reads the examples in order.
+    """
+
+    def __init__(self, source: Source, *, workers: int = 0, shuffle: bool = True, **kwargs):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ConfigError(f"expected workers to be an int >= 0, got {workers!r}")
+        super().__init__(source, **kwargs)
+        self.workers, self.shuffle = workers, shuffle
+        self._iterator, self._next_step = None, None
+
+    @functools.cached_property
+    def _read_step(self) -> _ReadStep:
+        plan = _Plan(
+            self.seed,
+            len(self.source),
+            self.batch_size,
+            self.drop_remainder,
+            self.shuffle,
+            self.shard,
+        )
+        return _ReadStep(self.source, plan, self.steps_per_epoch)
+
+    def _stop(self, first: int) -> int:
+        """The global step after the last one a pipeline started at `first` reads."""
+        if self.epochs is None:
+            return first + _OPEN_ENDED_STEPS
+        return max(self.epochs * self.steps_per_epoch, first + 1)
+
+    def _dataset(self, first: int):
+        """Grain's pipeline of the host batches of global steps `first, first + 1, ...`."""
+        grain = _grain()
+        buffer = max(self.prefetch, 1)
+        ds = grain.MapDataset.range(first, self._stop(first)).map(self._read_step)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.workers:
+            options = grain.MultiprocessingOptions(
+                num_workers=self.workers, per_worker_buffer_size=buffer
+            )
+            ds = ds.mp_prefetch(options, worker_init_fn=_cpu_worker)
+        return ds
+
+    def _host_batches(self, first: int, count: int) -> Iterator[dict]:
+        """`count` host batches from global step `first`, continuing the open Grain
+        iterator when it stands there (workers stay up across epochs and calls)."""
+        if self._iterator is None or self._next_step != first:
+            self.close()
+            self._iterator, self._next_step = iter(self._dataset(first)), first
+            self._pipeline_stop = self._stop(first)
+        for _ in range(count):
+            try:
+                batch = next(self._iterator)
+            except Exception as e:
+                self.close()
+                if _died(e):
+                    raise DataError(
+                        f"a Grain input worker process died before global step {self._next_step} "
+                        f"was read ({e}); rerun, or resume from the last checkpoint"
+                    ) from None
+                raise
+            self._next_step += 1
+            # Copy out of Grain's shared memory (unlinked as its arrays go), so no
+            # device buffer can alias memory that a worker hands back.
+            yield {k: np.array(v) for k, v in batch.items()} if self.workers else batch
+        if self._next_step == self._pipeline_stop:
+            self.close()  # the pipeline is exhausted: let its workers go
+
+    def batches(self, epoch: int, begin: int, end: int, *, put: Callable) -> Iterator:
+        """The placed batches of steps `begin..end-1` of `epoch`, this process's columns."""
+        if not 0 <= begin <= end <= self.steps_per_epoch:
+            raise ConfigError(
+                f"expected steps 0 <= begin <= end <= {self.steps_per_epoch}, got {begin}, {end}"
+            )
+        host = self._host_batches(epoch * self.steps_per_epoch + begin, end - begin)
+        return prefetch(host, put, size=self.prefetch)
+
+    def device_batches(self, epoch: int, begin: int = 0, end: int | None = None) -> Iterator:
+        end = self.steps_per_epoch if end is None else end
+        return self.batches(epoch, begin, end, put=self.put)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        return self.batches(epoch, start_step, self.steps_per_epoch, put=lambda b: b)
+
+    def __iter__(self) -> Iterator[dict]:
+        first, step = self.position
+        epochs = itertools.count(first) if self.epochs is None else range(first, self.epochs)
+        for epoch in epochs:
+            for batch in self.batches(epoch, step, self.steps_per_epoch, put=self.put):
+                step += 1
+                self.position = self.position._make(
+                    (epoch + 1, 0) if step == self.steps_per_epoch else (epoch, step)
+                )
+                yield batch
+            step = 0
+
+    def close(self) -> None:
+        """Stops the Grain workers (a later read starts them again)."""
+        iterator, self._iterator = self._iterator, None
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __del__(self):
+        try:  # noqa: SIM105 (at interpreter exit modules may be torn down)
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_iterator": None, "_next_step": None}
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("BatchStream(", "GrainStream(", 1)[:-1] + (
+            f", workers={self.workers})"
+        )
+
+
+def stream(
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    drop_remainder: bool = False,
+    shuffle: bool = True,
+    workers: int = 0,
+    prefetch: int = 2,
+    **kwargs,
+) -> GrainStream:
+    """The stream `fml.fit` trains on, read by Grain.
+
+    Args:
+      source: an in-memory `ArraySource`, `npy_source(...)`, `parquet_source(...)`,
+        `tfds_source(...)` (ArrayRecord), or any picklable object with `__len__`
+        and `read(index_B) -> {"x", "y"}`.
+      batch_size: the global batch size (over all processes).
+      seed: seeds the batch order: epoch `e` is `fml.train.epoch_indices(
+        epoch_key(seed, e), ...)`, as `fit` shuffles arrays in memory.
+      drop_remainder: drop the last partial batch; else pad it with mask-0 rows.
+      shuffle: False reads the examples in order.
+      workers: Grain worker processes reading and decoding batches (0: this process).
+      prefetch: batches read ahead per worker and placed on the device ahead.
+      **kwargs: `BatchStream`'s `epochs`, `position`, `process_index`,
+        `process_count`, `sharding`, `put`.
+
+    Example:
+      >>> import numpy as np, fml
+      >>> source = fml.data.ArraySource(np.zeros((10, 3), np.float32), np.arange(10))
+      >>> [int(b["mask"].sum()) for b in fml.data.stream(source, batch_size=4, epochs=1)]
+      [4, 4, 2]
+    """
+    return GrainStream(
+        source,
+        batch_size=batch_size,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        shuffle=shuffle,
+        workers=workers,
+        prefetch=prefetch,
+        **kwargs,
+    )
