@@ -13,6 +13,10 @@ same data in memory, on any number of hosts and workers, and a run resumed at
 
 import functools
 import itertools
+import multiprocessing
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -95,10 +99,24 @@ class _ReadStep:
         return {**self.source.read(index_B), "mask": mask_B}
 
 
-def _cpu_worker(worker_index: int, worker_count: int) -> None:
-    """Grain worker init: the plan is computed with JAX on the CPU, never an accelerator."""
+def _start_worker(pid_dir: str, worker_index: int, worker_count: int) -> None:
+    """Grain worker init: the plan is computed with JAX on the CPU, never an
+    accelerator; the worker's pid goes to `pid_dir` so the stream can stop it."""
     del worker_index, worker_count
     jax.config.update("jax_platforms", "cpu")
+    with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+        pass
+
+
+def _terminate_workers(pid_dir: str) -> None:
+    """Terminates this process's children whose pids are in `pid_dir`: a worker
+    blocked in a read would otherwise hold Grain's close (it joins its threads)."""
+    pids = {int(name) for name in os.listdir(pid_dir)}
+    workers = [p for p in multiprocessing.active_children() if p.pid in pids]
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=10)
 
 
 def _died(error: Exception) -> bool:
@@ -124,7 +142,7 @@ class GrainStream(BatchStream):
             raise ConfigError(f"expected workers to be an int >= 0, got {workers!r}")
         super().__init__(source, **kwargs)
         self.workers, self.shuffle = workers, shuffle
-        self._iterator, self._next_step = None, None
+        self._iterator, self._next_step, self._pid_dir = None, None, None
 
     @functools.cached_property
     def _read_step(self) -> _ReadStep:
@@ -154,7 +172,10 @@ class GrainStream(BatchStream):
             options = grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=buffer
             )
-            ds = ds.mp_prefetch(options, worker_init_fn=_cpu_worker)
+            self._pid_dir = tempfile.mkdtemp(prefix="fml-grain-workers-")
+            ds = ds.mp_prefetch(
+                options, worker_init_fn=functools.partial(_start_worker, self._pid_dir)
+            )
         return ds
 
     def _host_batches(self, first: int, count: int) -> Iterator[dict]:
@@ -213,6 +234,10 @@ class GrainStream(BatchStream):
     def close(self) -> None:
         """Stops the Grain workers (a later read starts them again)."""
         iterator, self._iterator = self._iterator, None
+        pid_dir, self._pid_dir = self._pid_dir, None
+        if pid_dir is not None:
+            _terminate_workers(pid_dir)
+            shutil.rmtree(pid_dir, ignore_errors=True)
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
@@ -224,7 +249,7 @@ class GrainStream(BatchStream):
             pass
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_iterator": None, "_next_step": None}
+        return {**self.__dict__, "_iterator": None, "_next_step": None, "_pid_dir": None}
 
     def __repr__(self) -> str:
         return super().__repr__().replace("BatchStream(", "GrainStream(", 1)[:-1] + (
