@@ -27,6 +27,7 @@ from fml.errors import ConfigError, DataError, require
 
 # Steps ahead a stream with no epoch count reads up to (Grain wants a finite range).
 _OPEN_ENDED_STEPS = 1 << 40
+_MIN_SHM_BYTES = 1 << 16
 
 
 def _grain():
@@ -168,6 +169,9 @@ class GrainStream(BatchStream):
         buffer = max(self.prefetch, 1)
         ds = grain.MapDataset.range(first, self._stop(first)).map(self._read_step)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        # Arrays under 64 KiB (labels, masks) travel pickled, not in shared memory.
+        options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
+        ds = grain.experimental.WithOptionsIterDataset(ds, options)
         if self.workers:
             options = grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=buffer
