@@ -10,31 +10,39 @@ Example:
   >>> state, history = fml.fit(model, data, epochs=20, batch_size=100, quiet=True)
 """
 
-from fml import data, errors, layers, losses, metrics, models, parallel, train
+from fml import (
+    batching,
+    callbacks,
+    checkpoint,
+    data,
+    errors,
+    layers,
+    losses,
+    metrics,
+    models,
+    parallel,
+    runners,
+    runtime,
+    step,
+    train,
+)
 from fml._model import Model
-from fml._runtime import apply_process_settings
 from fml.errors import FmlError
+from fml.inference import evaluate, predict
+from fml.step import TrainState
 from fml.sweep import sweep
-from fml.train import TrainState, evaluate, fit, predict
+from fml.train import fit
 
 __version__ = "0.1.0"
-
-apply_process_settings()  # before any XLA program runs: see fml/_runtime.py
-
-
-def __getattr__(name):
-    # `fml.checkpoint` imports orbax: loaded on first use, not with `import fml`.
-    if name == "checkpoint":
-        import importlib
-
-        return importlib.import_module("fml.checkpoint")
-    raise AttributeError(f"module 'fml' has no attribute {name!r}")
 
 
 __all__ = [
     "FmlError",
     "Model",
     "TrainState",
+    "batching",
+    "callbacks",
+    "checkpoint",
     "data",
     "errors",
     "evaluate",
@@ -45,6 +53,9 @@ __all__ = [
     "models",
     "parallel",
     "predict",
+    "runners",
+    "runtime",
+    "step",
     "sweep",
     "train",
 ]

@@ -3,8 +3,8 @@
 A checkpoint holds everything a run needs to continue exactly where it was:
 the `TrainState` (params, optimizer state, step, PRNG key, hparams), the model
 spec, the run's config and its data position. Batches are a pure function of
-`(seed, epoch)` (`fml.train.epoch_indices`), so the position is the epoch and
-the step within it, both read off `state.step`. Layout, inside a run directory:
+`(seed, epoch)` (`fml.batching`), so the position is the epoch and the step
+within it, both read off `state.step`. Layout, inside a run directory:
 
   RUN_DIR/checkpoints/<step>/
     state/   the state's arrays (orbax PyTree: params, opt_state, step,
@@ -40,7 +40,7 @@ import numpy as np
 from fml import models
 from fml._model import Model, canonical_spec
 from fml.errors import CheckpointError, FmlError, TrainingError
-from fml.train import FULL_BATCH_OPTIMIZERS, OPTIMIZERS, TrainState, init_state, make_optimizer
+from fml.step import FULL_BATCH_OPTIMIZERS, OPTIMIZERS, TrainState, init_state, make_optimizer
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
@@ -52,6 +52,7 @@ TRAJECTORY = (
     "clip_norm",
     "batch_size",
     "drop_remainder",
+    "shuffle",
     "seed",
     "loss",
     "l2",
@@ -104,9 +105,10 @@ def data_sha256(x, y) -> str:
     return digest.hexdigest()
 
 
-def fit_config(x, y, **options) -> dict:
+def fit_config(x, y, *, num_examples: int | None = None, **options) -> dict:
     """The JSON config a checkpoint records for a `fit` call on `(x, y)`.
 
+    `num_examples` is the data's size when `(x, y)` is a sample of it (a stream).
     `options` are `fit`'s keyword arguments that shape the run; values that are
     not JSON (a custom optax optimizer, a schedule, a loss function) are kept
     as `"<custom name>"` tags, and `restore` then asks for the optimizer.
@@ -114,7 +116,7 @@ def fit_config(x, y, **options) -> dict:
     return {
         **{k: _jsonable(v) for k, v in options.items()},
         "input_shape": list(x.shape[1:]),
-        "num_examples": int(x.shape[0]),
+        "num_examples": int(x.shape[0] if num_examples is None else num_examples),
         "data_sha256": data_sha256(x, y),
     }
 

@@ -68,6 +68,32 @@ LOSSES = {
 }
 
 
+REGRESSION_LOSSES = ("mse",)
+TASKS = ("classification", "regression")
+
+
+def task_of(name_or_fn, *, default: str = "classification") -> str:
+    """The task a loss trains for: "regression" for mse, "classification" for the
+    other named losses; a callable says it with a `task` attribute (see `with_task`),
+    else it is `default` (what the targets say: float targets are regression)."""
+    if callable(name_or_fn):
+        return getattr(name_or_fn, "task", default)
+    return "regression" if name_or_fn in REGRESSION_LOSSES else "classification"
+
+
+def with_task(fn, task: str):
+    """`fn` marked as a loss for `task` ("classification" or "regression")."""
+    if task not in TASKS:
+        raise unknown("task", task, TASKS)
+
+    def loss(outputs, targets):
+        return fn(outputs, targets)
+
+    loss.task = task
+    loss.__name__ = getattr(fn, "__name__", "loss")
+    return loss
+
+
 def get(name_or_fn):
     """A loss by name, or the callable itself."""
     if callable(name_or_fn):

@@ -46,8 +46,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fml import batching
+from fml.data import ArraySource, BatchStream
 from fml.errors import ConfigError, DistributedError, ShapeError, unknown
-from fml.train import _host_steps, _steps_per_epoch, epoch_indices, make_epoch, make_steps
+from fml.runners import FusedRunner, HostRunner
+from fml.step import make_epoch, make_steps
 
 AXIS = "data"
 LAUNCHERS = ("shard_map", "pmap")
@@ -281,48 +284,71 @@ class DataParallel:
             )
         return jax.jit(_shard_map(fn, self.mesh, (P(),) * num_args), donate_argnums=0)
 
-    def epoch(self, train_step: Callable, *, batch_size: int, drop_remainder: bool = False):
+    def epoch(
+        self,
+        train_step: Callable,
+        *,
+        batch_size: int,
+        drop_remainder: bool = False,
+        shuffle: bool = True,
+    ):
         """A fused epoch `epoch(state, x, y, key) -> (state, metrics)` over replicated
-        arrays: every replica shuffles alike and trains on its rows of each batch."""
+        arrays: every replica draws the same batches and trains on its rows of each."""
         per_replica = replica_step(train_step, self.num_replicas)
-        epoch = make_epoch(per_replica, batch_size=batch_size, drop_remainder=drop_remainder)
+        epoch = make_epoch(
+            per_replica, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
+        )
         return self.compile(epoch, 4)
 
-    def step_runner(self, train_step, x, y, *, seed, batch_size, drop_remainder, fused):
-        """`run(state, epoch, begin, end) -> (state, metrics)` for `fit`: steps
-        `begin..end-1` of an epoch over the batches `fml.train._step_runner` draws,
-        host-fed or fused, with the metrics of this process's first replica."""
-        shuffle_key = jax.random.fold_in(jax.random.key(seed), 1)
-        steps_per_epoch = _steps_per_epoch(x.shape[0], batch_size, drop_remainder)
-        if fused:
-            run_epoch = self.epoch(train_step, batch_size=batch_size, drop_remainder=drop_remainder)
-            run_scan = self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
-            x_dev, y_dev = self.replicate((x, y))
-        else:
-            step = self.step(train_step)
+    def put_local_batch(self, batch: Mapping) -> dict:
+        """This process's rows of a global batch (its columns, `fml.batching`), placed
+        on its devices as part of the global array."""
+        return shard_batch(batch, self.mesh, stacked=self.stacked)
 
-        def host_step(state, batch):
-            state, metrics = step(state, self.put_batch(batch))
-            return state, self.local(metrics)
+    def host_runner(self, train_step: Callable, stream) -> HostRunner:
+        """Per-replica steps fed by `stream`: each process reads its columns of every
+        global batch (`stream.batches`) and places them on its devices."""
+        step = self.step(train_step)
+        return HostRunner(
+            step, stream, stream.steps_per_epoch, put=self.put_local_batch, local=self.local
+        )
 
-        def run(state, epoch, begin, end):
-            key = jax.random.fold_in(shuffle_key, epoch)
-            if fused and (begin, end) == (0, steps_per_epoch):
-                state, metrics = run_epoch(state, x_dev, y_dev, self.replicate(key))
-                return state, self.local(metrics)
-            indices = epoch_indices(key, x.shape[0], batch_size, drop_remainder)
-            index_SxB, mask_SxB = (a[begin:end] for a in jax.device_get(indices))
-            if fused:
-                batches = self.replicate((index_SxB, mask_SxB))
-                state, metrics = run_scan(state, x_dev, y_dev, *batches)
-                return state, self.local(metrics)
-            batches = (
-                {"x": x[index_B], "y": y[index_B], "mask": mask_B}
-                for index_B, mask_B in zip(index_SxB, mask_SxB)
-            )
-            return _host_steps(host_step, state, batches)
+    def array_stream(self, x, y, *, batch_size, seed, drop_remainder, shuffle) -> BatchStream:
+        """The stream of in-memory `(x, y)` (the same arrays on every process), each
+        process reading its own columns of the global batches."""
+        return BatchStream(
+            ArraySource(x, y),
+            batch_size=batch_size,
+            seed=seed,
+            drop_remainder=drop_remainder,
+            shuffle=shuffle,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
 
-        return run
+    def fused_runner(
+        self, train_step: Callable, x, y, *, seed, batch_size, drop_remainder, shuffle
+    ) -> FusedRunner:
+        """Fused epochs over `(x, y)` replicated on every device; every replica draws
+        the same batches (`fml.batching`) and trains on its rows of each."""
+        run_epoch = self.epoch(
+            train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
+        )
+        run_steps = self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
+        x_dev, y_dev = self.replicate((x, y))
+        return FusedRunner(
+            run_epoch,
+            run_steps,
+            x_dev,
+            y_dev,
+            num_examples=x.shape[0],
+            batch_size=batching.batch_rows(x.shape[0], batch_size),
+            drop_remainder=drop_remainder,
+            shuffle=shuffle,
+            seed=seed,
+            place=self.replicate,
+            local=self.local,
+        )
 
 
 def data_parallel(launcher: str = "shard_map", devices=None) -> DataParallel:

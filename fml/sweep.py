@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fml import batching, inputs, rundir
 from fml import metrics as metrics_lib
 from fml import models as models_lib
-from fml import rundir
-from fml import train as train_lib
+from fml import step as step_lib
 from fml._model import Model
 from fml.data import check_arrays
 from fml.errors import ConfigError, ShapeError, TrainingError
+from fml.inference import predict
 
 # Swept values that are not optimizer hyperparameters.
 MODEL_AXES = ("seed", "C", "l2")
@@ -132,7 +133,7 @@ class SweepResult:
 
     model: Model
     configs: list[dict]
-    state: train_lib.TrainState
+    state: step_lib.TrainState
     table: list[dict]
     metric: str
     best: int
@@ -147,7 +148,7 @@ class SweepResult:
     def __len__(self) -> int:
         return len(self.configs)
 
-    def member_state(self, k: int) -> train_lib.TrainState:
+    def member_state(self, k: int) -> step_lib.TrainState:
         """Member `k` as an ordinary single-model `TrainState`."""
         if not -len(self) <= k < len(self):
             raise ConfigError(f"expected a member index in [0, {len(self)}), got {k}")
@@ -160,7 +161,7 @@ class SweepResult:
         return self.model
 
     @property
-    def best_state(self) -> train_lib.TrainState:
+    def best_state(self) -> step_lib.TrainState:
         return self.member_state(self.best)
 
     @property
@@ -178,7 +179,7 @@ class SweepResult:
     def predict(self, x, members: Sequence[int] | None = None) -> np.ndarray:
         """Every member's outputs on `x`: `[N, K, outputs]` (or the chosen members)."""
         params = self._params(members)
-        return train_lib.predict(_stacked(self.model), params, x)
+        return predict(_stacked(self.model), params, x)
 
     def ensemble_predict(self, x, members: Sequence[int] | None = None) -> np.ndarray:
         """The ensemble's outputs `[N, outputs]`: log of the mean class probabilities
@@ -194,7 +195,7 @@ class SweepResult:
         """
         chosen = list(range(len(self))) if members is None else list(members)
         report = {"size": len(chosen), "metric": self.metric}
-        objective = train_lib.make_objective(self.model, self.loss, self.task)
+        objective = step_lib.make_objective(self.model, self.loss, self.task)
         for split, (x, y) in self.splits.items():
             outputs = self.predict(x, chosen)
             ensemble_outputs = _average(outputs, self._loss_name())
@@ -369,17 +370,15 @@ def _member_means(step_metrics_KxS) -> dict:
 
 @jax.jit
 def _shuffle_keys(seeds_K, epoch):
-    """Each member's epoch key, `fold_in(fold_in(key(seed), 1), epoch)` as in `fit`."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), epoch))(
-        seeds_K
-    )
+    """Each member's epoch key (`fml.batching.epoch_key`), as `fit` draws it."""
+    return jax.vmap(lambda s: batching.epoch_key(s, epoch))(seeds_K)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _member_epoch_indices(keys, num_examples, batch_size, drop_remainder):
     """`epoch_indices` of one key `[S, B]`, or of each member's key `[S, K, B]`."""
     indices = functools.partial(
-        train_lib.epoch_indices,
+        batching.epoch_indices,
         num_examples=num_examples,
         batch_size=batch_size,
         drop_remainder=drop_remainder,
@@ -434,7 +433,7 @@ def _init_states(model, tx, input_shape, configs, l2_values):
     `fit` makes it alone (its eager ops are compiled once and shared with `fit`)."""
     states = []
     for config, l2 in zip(configs, l2_values):
-        state = train_lib.init_state(model, tx, input_shape, seed=config["seed"], l2=l2)
+        state = step_lib.init_state(model, tx, input_shape, seed=config["seed"], l2=l2)
         hyperparams = {
             n: np.asarray(v, np.float32) for n, v in config.items() if n not in MODEL_AXES
         }
@@ -498,19 +497,23 @@ def sweep(
       >>> len(result.table), result.compiles
       (3, 1)
     """
-    if not isinstance(optimizer, str) or optimizer not in train_lib.OPTIMIZERS:
+    if not isinstance(optimizer, str) or optimizer not in step_lib.OPTIMIZERS:
         raise ConfigError(
             f"sweep needs a minibatch optimizer by name, one of "
-            f"{sorted(train_lib.OPTIMIZERS)}; got {optimizer!r}"
+            f"{sorted(step_lib.OPTIMIZERS)}; got {optimizer!r}"
         )
-    x, y, x_val, y_val, x_test, y_test, task = train_lib._as_arrays(data, validation)
+    data = inputs.splits(data, validation)
+    if data.stream is not None:
+        raise ConfigError("sweep trains on arrays in memory, not a stream; load them as arrays")
+    x, y, task = data.x, data.y, data.task
+    (x_val, y_val), (x_test, y_test) = data.val or (None, None), data.test or (None, None)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"expected epochs to be an int >= 1, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
-    if batch_size > x.shape[0] and drop_remainder:
-        raise ConfigError(f"batch_size {batch_size} > {x.shape[0]} examples with drop_remainder")
-    objective = train_lib.make_objective(model, loss, task)
+    batching.check_batching(x.shape[0], batch_size, drop_remainder)
+    batch_size = batching.batch_rows(x.shape[0], batch_size)
+    objective = step_lib.make_objective(model, loss, task)
     metric = metric or ("accuracy" if objective.classify else "r2")
     if not isinstance(metric, str):
         raise ConfigError(f"sweep needs a metric by name ('accuracy' or 'r2'), got {metric!r}")
@@ -525,7 +528,7 @@ def sweep(
     n = x.shape[0]
     l2_values = [_member_l2(model, c, n) for c in members]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
-    expected = train_lib._check_targets(
+    expected = inputs.check_targets(
         model, _take(state.params, 0), x, y, objective, "training data"
     )
     splits = {"val": (x_val, y_val), "test": (x_test, y_test)}
@@ -535,7 +538,7 @@ def sweep(
         if xs.shape[1:] != x.shape[1:]:
             raise ShapeError(f"{name} data: expected x of shape (N, {x.shape[1:]}), got {xs.shape}")
 
-    train_step = train_lib.make_train_step(model, objective, tx)
+    train_step = step_lib.make_train_step(model, objective, tx)
     seeds = [c["seed"] for c in members]
     state, history, run = _train(
         train_step,
@@ -573,7 +576,7 @@ def _optimizer_and_members(model, axes: dict, configs, optimizer, **optimizer_kw
     defaults = {n: v[0] for n, v in axes.items()}
     first_values = {n: v for n, v in defaults.items() if n not in MODEL_AXES}
     try:
-        tx = train_lib.make_optimizer(optimizer, **{**optimizer_kwargs, **first_values})
+        tx = step_lib.make_optimizer(optimizer, **{**optimizer_kwargs, **first_values})
     except TypeError as e:
         raise ConfigError(
             f"optimizer {optimizer!r} does not take {sorted(first_values)}: {e}"
@@ -590,7 +593,7 @@ def _train(train_step, state, x, y, seeds, *, epochs, batch_size, fused, drop_re
     shared = len(set(seeds)) == 1  # one shuffle for all: the batch is not mapped
     key_axis = None if shared else 0
     if fused:
-        epoch_fn = train_lib.make_epoch(
+        epoch_fn = step_lib.make_epoch(
             train_step, batch_size=batch_size, drop_remainder=drop_remainder
         )
         run = jax.jit(jax.vmap(epoch_fn, in_axes=(0, None, None, key_axis)), donate_argnums=0)
@@ -624,7 +627,7 @@ def _split_scores(model, objective, metric, state, splits) -> dict:
     stacked = _stacked(model)
     return {
         split: jax.device_get(
-            _scores(objective, metric, train_lib.predict(stacked, state.params, xs), ys)
+            _scores(objective, metric, predict(stacked, state.params, xs), ys)
         )
         for split, (xs, ys) in splits.items()
     }

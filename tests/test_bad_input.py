@@ -147,7 +147,11 @@ def _(ctx):
     fit((X, Y), learning_rate="fast")
 
 
-@row("data-not-an-x-y-pair", ConfigError, r"expected data as an fml.data.Dataset or an \(x, y\)")
+@row(
+    "data-not-an-x-y-pair",
+    ConfigError,
+    r"expected data as an fml.data.Dataset, an \(x, y\) tuple or an fml.data.BatchStream",
+)
 def _(ctx):
     fit((X, Y, Y))
 

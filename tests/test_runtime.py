@@ -1,4 +1,5 @@
-"""fml keeps freed memory for reuse: a program's second run faults no pages in."""
+"""`fml.runtime.apply_process_settings` keeps freed memory for reuse (a program's
+second run faults no pages in); `import fml` alone leaves malloc as it is."""
 
 import os
 import subprocess
@@ -11,6 +12,7 @@ PROBE = textwrap.dedent(
     """
     import resource
     import fml, jax, jax.numpy as jnp
+    fml.runtime.apply_process_settings()
 
     # A 32 MiB temporary inside the program, as a train step's activations are.
     stack = lambda x: jax.lax.optimization_barrier(jnp.stack([x * i for i in range(8)]))
@@ -45,3 +47,32 @@ def test_freed_memory_is_reused_without_page_faults():
     kept = _page_faults("1")
     assert system > 8192 * 0.9
     assert kept < 8192 / 50
+
+
+IMPORT_ONLY = textwrap.dedent(
+    """
+    import ctypes
+    import fml  # noqa: F401
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    before = rss()
+    block = libc.malloc(256 << 20)
+    ctypes.memset(block, 1, 256 << 20)
+    held = rss()
+    libc.free(block)
+    print(held - before, rss() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_import_fml_returns_freed_memory_to_the_system():
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True, check=True
+    )
+    held, kept = map(float, out.stdout.split())
+    assert held > 250  # the block was resident
+    assert kept < 16  # and went back to the system on free

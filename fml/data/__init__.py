@@ -1,9 +1,11 @@
 """Data: embedded sets that need no network, tensorflow-datasets sets prepared on
 disk, Parquet and `.npy` sources, streams read by Grain (`stream`, `BatchStream`) and validation of user arrays."""
 
+from fml.batching import epoch_key
 from fml.data._embedded import (
     EMBEDDED,
     Dataset,
+    as_array,
     check_arrays,
     check_labels,
     check_options,
@@ -16,8 +18,6 @@ from fml.data._stream import (
     ArraySource,
     BatchStream,
     Position,
-    epoch_key,
-    epoch_plan,
     global_batch_put,
     prefetch,
     read_batch,
@@ -86,9 +86,9 @@ __all__ = [
     "ParquetSource",
     "Position",
     "TfdsSource",
+    "as_array",
     "check_arrays",
     "check_labels",
-    "epoch_plan",
     "epoch_key",
     "global_batch_put",
     "load",

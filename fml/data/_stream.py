@@ -1,21 +1,23 @@
 """A streaming input pipeline: seeded shuffled batches from a random-access source,
 sharded per process, prefetched to the device, resumable at any (epoch, step).
 
-The batches of an epoch are those of `fml.train.epoch_indices` with the epoch key
-`fold_in(fold_in(key(seed), 1), epoch)`: the global batch `s` is row `s` of that
-index matrix, and process `p` of `P` reads only columns `[p B/P, (p+1) B/P)` of it.
-So the processes' shards are disjoint, together cover each example once per
-epoch, and a run on many hosts sees the same global batches as a run on one.
+The batches of an epoch are `fml.batching.epoch_plan`'s: the global batch `s` is
+row `s` of the epoch's index matrix, and each process reads only its columns of
+it (`fml.batching.process_columns`). So the processes' shards are disjoint,
+together cover each example once per epoch, and a run on many hosts sees the
+same global batches as a run on one.
 """
 
 import collections
 import concurrent.futures
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
 
+from fml import batching
 from fml.errors import ConfigError, ShapeError
 
 
@@ -49,44 +51,6 @@ class Position(NamedTuple):
 
     epoch: int = 0
     step: int = 0
-
-
-def epoch_key(seed: int, epoch: int) -> jax.Array:
-    """The shuffling key of `epoch`: `fold_in(fold_in(key(seed), 1), epoch)`, as in `fit`."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
-
-
-def shard_bounds(batch_size: int, process_index: int, process_count: int) -> slice:
-    """The columns of each global batch that process `process_index` reads."""
-    if not 0 <= process_index < process_count:
-        raise ConfigError(f"expected process_index in [0, {process_count}), got {process_index}")
-    if batch_size % process_count:
-        raise ConfigError(
-            f"expected a global batch_size divisible by {process_count} processes, got {batch_size}"
-        )
-    local = batch_size // process_count
-    return slice(process_index * local, (process_index + 1) * local)
-
-
-def epoch_plan(
-    key,
-    num_examples: int,
-    batch_size: int,
-    drop_remainder: bool = False,
-    *,
-    shard: slice = slice(None),
-    start_step: int = 0,
-    stop_step: int | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`(index_B, mask_B)` of steps `start_step..stop_step-1` of one epoch: the rows
-    of `fml.train.epoch_indices(key, ...)`, restricted to the columns `shard`."""
-    from fml.train import epoch_indices  # train imports fml.data: import at call time
-
-    index_SxB, mask_SxB = jax.device_get(
-        epoch_indices(key, num_examples, batch_size, drop_remainder)
-    )
-    steps = slice(start_step, stop_step)
-    return zip(index_SxB[steps, shard], mask_SxB[steps, shard])
 
 
 def read_batch(source: Source, index_B: np.ndarray, mask_B: np.ndarray) -> dict:
@@ -147,8 +111,8 @@ class BatchStream:
     """Shuffled, batched, prefetched batches `{"x", "y", "mask"}` over epochs.
 
     Deterministic for a given `seed`: epoch `e` uses the batches of
-    `fml.train.epoch_indices(epoch_key(seed, e), len(source), batch_size, drop_remainder)`
-    (the same as `fml.fit`). `position` is the (epoch, step) of the next batch;
+    `fml.batching.epoch_plan(seed, e, len(source), batch_size, ...)` (the same as
+    `fml.fit` on arrays). `position` is the (epoch, step) of the next batch;
     save it (`position._asdict()`) and pass it back as `position=` to resume
     with exactly the batches the run would have seen.
 
@@ -159,6 +123,7 @@ class BatchStream:
       seed: seeds the shuffling.
       drop_remainder: drop the last partial batch of an epoch; else pad it with
         index-0 rows of mask 0, which `fml`'s train step leaves out of the loss.
+      shuffle: shuffle each epoch (False: the examples in order).
       epochs: stop after this epoch count (from epoch 0); None runs forever.
       position: where to start, a `Position` or an `(epoch, step)` pair.
       process_index, process_count: this process's shard; by default
@@ -187,6 +152,7 @@ class BatchStream:
         batch_size: int,
         seed: int = 0,
         drop_remainder: bool = False,
+        shuffle: bool = True,
         epochs: int | None = None,
         position: tuple[int, int] = (0, 0),
         process_index: int | None = None,
@@ -198,22 +164,18 @@ class BatchStream:
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
-        if len(source) == 0:
-            raise ConfigError("expected a source with at least one example, got 0")
-        if drop_remainder and batch_size > len(source):
-            raise ConfigError(
-                f"batch_size {batch_size} > {len(source)} examples with drop_remainder"
-            )
+        batching.check_batching(len(source), batch_size, drop_remainder)
         if prefetch < 0 or workers < 1:
             raise ConfigError(f"expected prefetch >= 0 and workers >= 1, got {prefetch}, {workers}")
         self.source = source
         self.batch_size = batch_size
         self.seed = seed
         self.drop_remainder = drop_remainder
+        self.shuffle = bool(shuffle)
         self.epochs = epochs
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
-        self.shard = shard_bounds(batch_size, self.process_index, self.process_count)
+        batching.process_columns(batch_size, self.process_index, self.process_count)
         self.prefetch, self.workers = prefetch, workers
         if put is None:
             put = jax.device_put if sharding is None else global_batch_put(sharding, batch_size)
@@ -222,8 +184,7 @@ class BatchStream:
 
     @property
     def steps_per_epoch(self) -> int:
-        n = len(self.source)
-        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+        return batching.steps_per_epoch(len(self.source), self.batch_size, self.drop_remainder)
 
     def _checked(self, position: Position) -> Position:
         if position.epoch < 0 or not 0 <= position.step < self.steps_per_epoch:
@@ -234,29 +195,41 @@ class BatchStream:
         return position
 
     def _epoch_plan(self, epoch: int, start_step: int = 0, stop_step: int | None = None):
-        return epoch_plan(
-            epoch_key(self.seed, epoch),
+        index_SxB, mask_SxB = batching.epoch_plan(
+            self.seed,
+            epoch,
             len(self.source),
             self.batch_size,
-            self.drop_remainder,
-            shard=self.shard,
-            start_step=start_step,
-            stop_step=stop_step,
+            drop_remainder=self.drop_remainder,
+            shuffle=self.shuffle,
+            begin=start_step,
+            end=stop_step,
+            process_index=self.process_index,
+            process_count=self.process_count,
         )
+        return zip(index_SxB, mask_SxB)
 
-    def _read_and_put(self, plan_item) -> dict:
+    def _read_and_put(self, plan_item, put=None) -> dict:
         index_B, mask_B = plan_item
-        return self.put(read_batch(self.source, index_B, mask_B))
+        return (put or self.put)(read_batch(self.source, index_B, mask_B))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         """This process's host batches of one epoch (read lazily, not placed)."""
         return (read_batch(self.source, i, m) for i, m in self._epoch_plan(epoch, start_step))
 
-    def device_batches(self, epoch: int, begin: int = 0, end: int | None = None) -> Iterator[dict]:
+    def batches(
+        self, epoch: int, begin: int = 0, end: int | None = None, *, put: Callable | None = None
+    ) -> Iterator[dict]:
         """This process's batches of steps `begin..end-1` of one epoch, prefetched and
-        placed; `position` is left alone (what `fml.fit` reads)."""
+        placed by `put` (default: the stream's own); `position` is left alone (what
+        `fml.fit`'s runners read)."""
         plan = self._epoch_plan(epoch, begin, end)
-        return prefetch(plan, self._read_and_put, size=self.prefetch, workers=self.workers)
+        work = functools.partial(self._read_and_put, put=put)
+        return prefetch(plan, work, size=self.prefetch, workers=self.workers)
+
+    def device_batches(self, epoch: int, begin: int = 0, end: int | None = None) -> Iterator[dict]:
+        """`batches(epoch, begin, end)` placed by the stream's own `put`."""
+        return self.batches(epoch, begin, end)
 
     def _plan(self, start: Position) -> Iterator[tuple[Position, tuple]]:
         """(position after, plan item) of every step from `start` on."""
@@ -284,6 +257,6 @@ class BatchStream:
     def __repr__(self) -> str:
         return (
             f"BatchStream({len(self.source)} examples, batch_size={self.batch_size}, "
-            f"seed={self.seed}, drop_remainder={self.drop_remainder}, "
+            f"seed={self.seed}, drop_remainder={self.drop_remainder}, shuffle={self.shuffle}, "
             f"shard={self.process_index}/{self.process_count}, position={tuple(self.position)})"
         )

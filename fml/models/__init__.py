@@ -36,6 +36,15 @@ def from_spec(spec: dict) -> Model:
         raise ConfigError(f"spec does not fit family {family!r}: {e}") from e
 
 
+# Families whose `apply` ignores `train` and `key`.
+DETERMINISTIC_FAMILIES = ("linear_regression", "logistic_regression", "svm")
+
+
+def is_deterministic(spec: dict) -> bool:
+    """Whether the model's `apply` ignores `train` and `key` (no dropout)."""
+    return spec.get("family") in DETERMINISTIC_FAMILIES
+
+
 def default_loss(spec: dict, task: str = "classification") -> str:
     """The loss a family trains with by default (for `task` where the family allows both)."""
     family = spec["family"]
@@ -74,6 +83,7 @@ __all__ = [
     "dropout",
     "flatten",
     "from_spec",
+    "is_deterministic",
     "l2_strength",
     "least_squares",
     "linear_regression",

@@ -1,4 +1,5 @@
-"""Process settings fml applies once, on import.
+"""Process settings for XLA:CPU, applied by entry points (the `fml` command line,
+the benchmarks), never by `import fml`: a library does not change its process.
 
 XLA:CPU allocates each program's buffers with `malloc` and frees them when the
 program returns. glibc serves large blocks with fresh `mmap`s and trims freed
@@ -11,7 +12,9 @@ instead of 22 ms. (Limiting malloc to one arena would also keep blocks over
 caching allocator does on GPUs; peak memory is unchanged, freed memory is not
 returned to the system.
 
-Set `FML_KEEP_FREED_MEMORY=0` before importing fml to leave malloc as it is.
+A program of your own applies it with `fml.runtime.apply_process_settings()`
+once, before training (it changes malloc for the whole process: numpy, torch and
+TensorFlow too). `FML_KEEP_FREED_MEMORY=0` makes that call a no-op.
 """
 
 import ctypes
@@ -44,6 +47,14 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def apply_process_settings() -> None:
-    if os.environ.get("FML_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()
+def apply_process_settings(platform: str | None = None) -> bool:
+    """Applies `keep_freed_memory` when training runs on the CPU backend
+    (`platform`, default JAX's default backend) unless `FML_KEEP_FREED_MEMORY=0`.
+    Returns whether it applied."""
+    if os.environ.get("FML_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return platform == "cpu" and keep_freed_memory()
