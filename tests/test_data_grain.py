@@ -277,3 +277,23 @@ def test_a_killed_worker_is_a_data_error_not_a_hang():
 def test_docstring_examples():
     result = doctest.testmod(_grain, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_parquet_stream_trains_under_shard_map_and_resumes_exactly(spark_dir, tmp_path):
+    x, y = _arrays()
+    model = fml.models.mlp([8, 4])
+    source = fml.data.parquet_source(spark_dir, features=["f0", "f1", "f2"], label="label")
+    options = dict(seed=3, optimizer="sgd", learning_rate=0.1, quiet=True)
+
+    def fresh():
+        return fml.data.stream(source, batch_size=8, seed=3)
+
+    in_memory, h1 = fml.fit(model, (x, y), batch_size=8, epochs=2, **options)
+    sharded, h2 = fml.fit(model, fresh(), epochs=2, parallel="shard_map", **options)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(in_memory.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    run = tmp_path / "run"
+    fml.fit(model, fresh(), epochs=1, checkpoint_dir=run, **options)
+    resumed, h3 = fml.fit(model, fresh(), epochs=2, checkpoint_dir=run, resume=True, **options)
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(in_memory.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -197,3 +197,21 @@ def test_a_corrupt_array_record_file_names_the_file_and_the_record(prepared, tmp
     ):
         for start in range(0, N_TRAIN, 8):
             source.read(np.arange(start, start + 8))
+
+
+def test_an_array_record_stream_trains_under_shard_map_with_checkpoints(prepared, tmp_path):
+    dirs, _, _ = prepared
+    data = fml.data.load("mnist", data_dir=str(dirs["array_record"]))
+    source = fml.data.tfds_source("mnist", split="train", data_dir=str(dirs["array_record"]))
+    model = fml.models.mlp([8, 10])
+    options = dict(epochs=2, seed=5, optimizer="sgd", learning_rate=0.1, quiet=True)
+    in_memory, h1 = fml.fit(model, (data.x_train, data.y_train), batch_size=8, **options)
+    stream = fml.data.stream(source, batch_size=8, seed=5, workers=2)
+    streamed, h2 = fml.fit(
+        model, stream, parallel="shard_map", checkpoint_dir=tmp_path / "run", **options
+    )
+    stream.close()
+    for a, b in zip(jax.tree.leaves(streamed.params), jax.tree.leaves(in_memory.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], rtol=1e-5)
+    assert fml.checkpoint.latest_step(tmp_path / "run") == 2 * N_TRAIN // 8

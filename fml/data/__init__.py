@@ -1,5 +1,6 @@
 """Data: embedded sets that need no network, tensorflow-datasets sets prepared on
-disk, Parquet and `.npy` sources, streams read by Grain (`stream`, `BatchStream`) and validation of user arrays."""
+disk, Parquet and `.npy` sources, streams read by Grain (`stream`) or threads
+(`BatchStream`) and validation of user arrays."""
 
 from fml.batching import epoch_key
 from fml.data._embedded import (
@@ -12,7 +13,7 @@ from fml.data._embedded import (
     load_embedded,
     make_dataset,
 )
-from fml.data._grain import GrainStream, step_plan, stream
+from fml.data._grain import GrainStream, stream
 from fml.data._sources import NpySource, ParquetSource, npy_source, parquet_files, parquet_source
 from fml.data._stream import (
     ArraySource,
@@ -97,7 +98,6 @@ __all__ = [
     "parquet_source",
     "prefetch",
     "read_batch",
-    "step_plan",
     "stream",
     "tfds_source",
 ]

@@ -1,7 +1,7 @@
 """Streams on Grain: fml's batch order, read and decoded by Grain worker processes.
 
-The global batch `s` of epoch `e` is row `s` of THE batch plan `step_plan(seed, e,
-...)` (fml's `epoch_indices` with `epoch_key(seed, e)`); Grain does the reading:
+The global batch `s` of epoch `e` is row `s` of THE batch plan
+`fml.batching.epoch_plan(seed, e, ...)`, as for arrays in memory; Grain does the reading:
 a `grain.MapDataset` over the run's global steps whose element `g = e * S + s`
 reads this process's columns of that row from the source, `.to_iter_dataset()`,
 `.mp_prefetch()` worker processes for decoding (each computes the plan of the
@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from fml.data._stream import BatchStream, Source, epoch_key, epoch_plan, prefetch
+from fml import batching
+from fml.data._stream import BatchStream, Source, prefetch
 from fml.errors import ConfigError, DataError, require
 
 # Steps ahead a stream with no epoch count reads up to (Grain wants a finite range).
@@ -39,39 +40,18 @@ def _grain():
     return grain
 
 
-def step_plan(
-    seed: int,
-    epoch: int,
-    num_examples: int,
-    batch_size: int,
-    *,
-    drop_remainder: bool,
-    shuffle: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """THE batch plan of an epoch, `(index_SxB, mask_SxB)` as numpy: the rows that
-    global step `s` reads and which of them are real (1) or padding (0).
-
-    Shuffled, these are `fml.train.epoch_indices(epoch_key(seed, epoch), ...)`, as in
-    `fit`; with `shuffle=False` the examples in order, the last batch padded.
-    """
-    if shuffle:
-        index, mask = zip(
-            *epoch_plan(epoch_key(seed, epoch), num_examples, batch_size, drop_remainder)
-        )
-        return np.stack(index), np.stack(mask)
-    steps = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
-    flat = np.arange(steps * batch_size).reshape(steps, batch_size)
-    return np.where(flat < num_examples, flat, 0).astype(np.int32), (flat < num_examples).astype(
-        np.float32
-    )
-
-
 class _Plan:
-    """This process's columns of each step's plan row, the last epoch's cached."""
+    """This process's columns of each step's row of THE batch plan
+    (`fml.batching.epoch_plan`), the last epoch's cached."""
 
-    def __init__(self, seed, num_examples, batch_size, drop_remainder, shuffle, columns):
-        self.args = seed, num_examples, batch_size, drop_remainder, shuffle
-        self.columns = columns
+    def __init__(self, stream: BatchStream):
+        self.args = (stream.seed, len(stream.source), stream.batch_size)
+        self.options = dict(
+            drop_remainder=stream.drop_remainder,
+            shuffle=stream.shuffle,
+            process_index=stream.process_index,
+            process_count=stream.process_count,
+        )
         self._epoch, self._rows = None, None
 
     def __getstate__(self) -> dict:
@@ -79,12 +59,9 @@ class _Plan:
 
     def row(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch != self._epoch:
-            seed, n, batch_size, drop_remainder, shuffle = self.args
-            index_SxB, mask_SxB = step_plan(
-                seed, epoch, n, batch_size, drop_remainder=drop_remainder, shuffle=shuffle
-            )
+            seed, num_examples, batch_size = self.args
+            self._rows = batching.epoch_plan(seed, epoch, num_examples, batch_size, **self.options)
             self._epoch = epoch
-            self._rows = index_SxB[:, self.columns], mask_SxB[:, self.columns]
         index_SxB, mask_SxB = self._rows
         return index_SxB[step], mask_SxB[step]
 
@@ -138,24 +115,16 @@ class GrainStream(BatchStream):
       shuffle: False reads the examples in order.
     """
 
-    def __init__(self, source: Source, *, workers: int = 0, shuffle: bool = True, **kwargs):
+    def __init__(self, source: Source, *, workers: int = 0, **kwargs):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"expected workers to be an int >= 0, got {workers!r}")
         super().__init__(source, **kwargs)
-        self.workers, self.shuffle = workers, shuffle
+        self.workers = workers
         self._iterator, self._next_step, self._pid_dir = None, None, None
 
     @functools.cached_property
     def _read_step(self) -> _ReadStep:
-        plan = _Plan(
-            self.seed,
-            len(self.source),
-            self.batch_size,
-            self.drop_remainder,
-            self.shuffle,
-            self.shard,
-        )
-        return _ReadStep(self.source, plan, self.steps_per_epoch)
+        return _ReadStep(self.source, _Plan(self), self.steps_per_epoch)
 
     def _stop(self, first: int) -> int:
         """The global step after the last one a pipeline started at `first` reads."""
@@ -207,18 +176,18 @@ class GrainStream(BatchStream):
         if self._next_step == self._pipeline_stop:
             self.close()  # the pipeline is exhausted: let its workers go
 
-    def batches(self, epoch: int, begin: int, end: int, *, put: Callable) -> Iterator:
-        """The placed batches of steps `begin..end-1` of `epoch`, this process's columns."""
+    def batches(
+        self, epoch: int, begin: int = 0, end: int | None = None, *, put: Callable | None = None
+    ) -> Iterator:
+        """The batches of steps `begin..end-1` of `epoch`, this process's columns,
+        placed by `put` (default: the stream's own); `position` is left alone."""
+        end = self.steps_per_epoch if end is None else end
         if not 0 <= begin <= end <= self.steps_per_epoch:
             raise ConfigError(
                 f"expected steps 0 <= begin <= end <= {self.steps_per_epoch}, got {begin}, {end}"
             )
         host = self._host_batches(epoch * self.steps_per_epoch + begin, end - begin)
-        return prefetch(host, put, size=self.prefetch)
-
-    def device_batches(self, epoch: int, begin: int = 0, end: int | None = None) -> Iterator:
-        end = self.steps_per_epoch if end is None else end
-        return self.batches(epoch, begin, end, put=self.put)
+        return prefetch(host, put or self.put, size=self.prefetch)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         return self.batches(epoch, start_step, self.steps_per_epoch, put=lambda b: b)
@@ -279,8 +248,8 @@ def stream(
         `tfds_source(...)` (ArrayRecord), or any picklable object with `__len__`
         and `read(index_B) -> {"x", "y"}`.
       batch_size: the global batch size (over all processes).
-      seed: seeds the batch order: epoch `e` is `fml.train.epoch_indices(
-        epoch_key(seed, e), ...)`, as `fit` shuffles arrays in memory.
+      seed: seeds the batch order: epoch `e` is `fml.batching.epoch_plan(seed, e,
+        ...)`, as `fit` orders arrays in memory.
       drop_remainder: drop the last partial batch; else pad it with mask-0 rows.
       shuffle: False reads the examples in order.
       workers: Grain worker processes reading and decoding batches (0: this process).
