@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -28,7 +30,6 @@ from fml.errors import ConfigError, DataError, require
 
 # Steps ahead a stream with no epoch count reads up to (Grain wants a finite range).
 _OPEN_ENDED_STEPS = 1 << 40
-_MIN_SHM_BYTES = 1 << 16
 
 
 def _grain():
@@ -79,11 +80,19 @@ class _ReadStep:
 
 def _start_worker(pid_dir: str, worker_index: int, worker_count: int) -> None:
     """Grain worker init: the plan is computed with JAX on the CPU, never an
-    accelerator; the worker's pid goes to `pid_dir` so the stream can stop it."""
+    accelerator; the worker's pid goes to `pid_dir` so the stream can stop it, and
+    the worker exits when its parent dies (a SIGKILLed run leaves no orphans)."""
     del worker_index, worker_count
     jax.config.update("jax_platforms", "cpu")
     with open(os.path.join(pid_dir, str(os.getpid())), "w"):
         pass
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _terminate_workers(pid_dir: str) -> None:
@@ -138,9 +147,6 @@ class GrainStream(BatchStream):
         buffer = max(self.prefetch, 1)
         ds = grain.MapDataset.range(first, self._stop(first)).map(self._read_step)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        # Arrays under 64 KiB (labels, masks) travel pickled, not in shared memory.
-        options = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
-        ds = grain.experimental.WithOptionsIterDataset(ds, options)
         if self.workers:
             options = grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=buffer
