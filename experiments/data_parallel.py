@@ -12,7 +12,10 @@ cores, so there the figures measure overhead, not speed-up.
 import argparse
 import json
 import os
+import pathlib
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # as a script: the repo root
 
 
 def main(argv=None):
@@ -36,7 +39,7 @@ def main(argv=None):
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    from fml import scaling
+    from experiments import scaling
 
     counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= jax.device_count()]
     report = scaling.data_parallel_report(

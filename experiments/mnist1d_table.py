@@ -6,11 +6,14 @@ the shuffled-sequence rows (CNN, GRU).
 """
 
 import argparse
+import pathlib
+import sys
 
-from fml import report
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # as a script: the repo root
+from experiments import mnist1d  # noqa: E402
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/mnist1d")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -18,8 +21,8 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="training processes at once")
     parser.add_argument("--resume", action="store_true", help="keep finished runs in --out")
     parser.add_argument("--no-shuffled", action="store_true", help="skip the shuffled rows")
-    args = parser.parse_args()
-    _, path = report.mnist1d_table(
+    args = parser.parse_args(argv)
+    rows, path = mnist1d.mnist1d_table(
         args.out,
         seeds=args.seeds,
         scale=args.scale,
@@ -28,6 +31,7 @@ def main():
         resume=args.resume,
     )
     print(f"\ntable written to {path}; learning curves in {args.out}/*/*/seed_*/curves.png")
+    return rows
 
 
 if __name__ == "__main__":

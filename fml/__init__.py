@@ -21,6 +21,7 @@ from fml import (
     metrics,
     models,
     parallel,
+    preprocessing,
     runners,
     runtime,
     step,
@@ -29,6 +30,7 @@ from fml import (
 from fml._model import Model
 from fml.errors import FmlError
 from fml.inference import evaluate, predict
+from fml.predictor import Predictor, load
 from fml.step import TrainState
 from fml.sweep import sweep
 from fml.train import fit
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FmlError",
     "Model",
+    "Predictor",
     "TrainState",
     "batching",
     "callbacks",
@@ -48,11 +51,13 @@ __all__ = [
     "evaluate",
     "fit",
     "layers",
+    "load",
     "losses",
     "metrics",
     "models",
     "parallel",
     "predict",
+    "preprocessing",
     "runners",
     "runtime",
     "step",

@@ -36,6 +36,7 @@ Example:
   5
 """
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -48,7 +49,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fml import batching, checkpoint, rundir
+from fml import batching, checkpoint, lock, rundir
 from fml._model import Model
 from fml.errors import ConfigError, TrainingError
 from fml.inference import evaluate
@@ -442,7 +443,7 @@ class Checkpoint(Callback):
         self.run_dir, self.optimizer, self.config = run_dir, optimizer, config
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.keep, self.resume = keep, resume
-        self.checkpointer = None
+        self.checkpointer, self.lock = None, None
 
     def describe(self) -> str:
         if self.checkpointer is None:
@@ -451,6 +452,8 @@ class Checkpoint(Callback):
 
     def on_train_begin(self, loop):
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, keep=self.keep)
+        self.lock = contextlib.ExitStack()  # one writer of the run directory at a time
+        self.lock.enter_context(lock.run_lock(self.run_dir, writer=loop.main))
 
     def restore(self, loop):
         restored = self.checkpointer.start(
@@ -478,6 +481,8 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, loop, epoch, logs):
         step = loop.step
+        if step != (epoch + 1) * loop.steps_per_epoch:
+            return  # a later epoch of the same chunk (full batch) ends where the state is
         due = (self.every_epochs and (epoch + 1) % self.every_epochs == 0) or (
             self.every_steps and step % self.every_steps == 0
         )
@@ -491,6 +496,9 @@ class Checkpoint(Callback):
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def save(self, loop) -> None:
         """Saves the run as it stands (a no-op when this step is saved already)."""

@@ -10,7 +10,9 @@ within it, both read off `state.step`. Layout, inside a run directory:
     state/   the state's arrays (orbax PyTree: params, opt_state, step,
              key data, hparams; and the best params when early stopping)
     meta/    JSON: spec, config, position, history so far, the current
-             epoch's per-step metrics, key implementation, a SHA-256 of the arrays
+             epoch's per-step metrics, key implementation, the SHA-256 of the
+             arrays ("arrays_sha256"), and a SHA-256 of all the rest ("sha256"),
+             so a changed byte of either is refused on restore
 
 orbax writes each step to a temporary directory and renames it into place, so
 a run killed mid-save leaves the previous checkpoint valid; the last `keep`
@@ -43,7 +45,10 @@ from fml.errors import CheckpointError, FmlError, TrainingError
 from fml.step import FULL_BATCH_OPTIMIZERS, OPTIMIZERS, TrainState, init_state, make_optimizer
 
 CHECKPOINTS = "checkpoints"
-FORMAT = 1
+# 1: "sha256" covers the arrays only; 2: "sha256" covers the metadata, whose
+# "arrays_sha256" covers the arrays.
+FORMAT = 2
+FORMATS = (1, 2)
 # The config entries that decide a run's trajectory: a resume must not change them.
 TRAJECTORY = (
     "optimizer",
@@ -177,6 +182,116 @@ def tree_sha256(tree) -> str:
     return digest.hexdigest()
 
 
+def meta_sha256(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata: its sorted JSON without the "sha256" entry."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _json_number(value):
+    """numpy scalars and arrays in metadata as plain JSON numbers and lists."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_metric(value) -> bool:
+    """A history entry: a number, a list of numbers, or a dict of numbers."""
+    if isinstance(value, list):
+        return all(_is_number(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_number(v) for v in value.values())
+    return _is_number(value)
+
+
+# The metadata entries a restore or resume reads, and what each must be.
+META_FIELDS = {
+    "spec": (lambda v: isinstance(v, dict), "a model spec object"),
+    "config": (
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("input_shape"), list)
+            and all(_is_int(d) and d > 0 for d in v["input_shape"])
+        ),
+        "a config object with an 'input_shape' list of positive ints",
+    ),
+    "sha256": (lambda v: isinstance(v, str), "a hex digest"),
+    "format": (lambda v: _is_int(v) and v in FORMATS, f"one of {list(FORMATS)}"),
+    "arrays_sha256": (lambda v: isinstance(v, str), "a hex digest"),
+    "step": (lambda v: _is_int(v) and v >= 0, "a step count"),
+    "key_impl": (lambda v: isinstance(v, str), "a PRNG implementation name"),
+    "has_best_params": (lambda v: isinstance(v, bool), "true or false"),
+    "history": (
+        lambda v: isinstance(v, dict) and all(_is_metric(m) for m in v.values()),
+        "an object of per-epoch metric lists",
+    ),
+    "epoch_metrics": (
+        lambda v: (
+            v is None
+            or isinstance(v, dict)
+            and all(isinstance(m, list) and all(_is_number(x) for x in m) for m in v.values())
+            and len({len(m) for m in v.values()}) <= 1
+        ),
+        "an object of equally long per-step metric lists",
+    ),
+    "best": (
+        lambda v: (
+            v is None
+            or isinstance(v, dict)
+            and set(v) == {"loss", "epoch"}
+            and _is_number(v["loss"])
+            and _is_int(v["epoch"])
+        ),
+        'null or {"loss": number, "epoch": int}',
+    ),
+    "stopped": (lambda v: isinstance(v, bool), "true or false"),
+    "callbacks": (
+        lambda v: isinstance(v, dict) and all(isinstance(c, dict) for c in v.values()),
+        "an object of the callbacks' state objects",
+    ),
+    "loop": (
+        lambda v: isinstance(v, dict) and META_FIELDS["epoch_metrics"][0](v.get("epoch_metrics")),
+        'an object {"epoch_metrics": equally long per-step metric lists}',
+    ),
+}
+REQUIRED_META = ("spec", "config", "sha256")
+
+
+def check_meta(meta, where: str) -> dict:
+    """`meta` if its entries are well formed and (format 2) match its SHA-256.
+
+    Raises:
+      CheckpointError: an entry is missing or of the wrong type, or the metadata
+        was changed after it was saved; the message names the entry.
+    """
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: expected a metadata object, got {type(meta).__name__}")
+    required = (*REQUIRED_META, "arrays_sha256") if meta.get("format") == 2 else REQUIRED_META
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: metadata is incomplete: no {', '.join(missing)}")
+    checksum_first = ("format", "sha256")  # then a changed entry is named as such
+    for name in (*checksum_first, *(n for n in META_FIELDS if n not in checksum_first)):
+        ok, what = META_FIELDS[name]
+        if name in meta and not ok(meta[name]):
+            raise CheckpointError(
+                f"{where}: metadata entry {name!r} should be {what}, got {meta[name]!r:.200}"
+            )
+        if name == "sha256" and meta.get("format") == 2 and meta_sha256(meta) != meta["sha256"]:
+            raise CheckpointError(
+                f"{where}: its metadata does not match its SHA-256 (it was changed after saving)"
+            )
+    return meta
+
+
 def _mismatches(expected: dict, got: dict) -> list[str]:
     """The paths whose (shape, dtype) differ, params first."""
     paths = [p for p in sorted(set(expected) | set(got)) if expected.get(p) != got.get(p)]
@@ -283,8 +398,10 @@ class Checkpointer:
             "step": step,
             "key_impl": str(jax.random.key_impl(state.key)),
             "has_best_params": best_params is not None,
-            "sha256": tree_sha256(tree),
+            "arrays_sha256": tree_sha256(tree),
         }
+        meta = json.loads(json.dumps(meta, default=_json_number))  # as restore will read it
+        meta["sha256"] = meta_sha256(meta)
         args = self._ocp.args
         try:
             self._manager.save(
@@ -310,7 +427,7 @@ class Checkpointer:
                 "resume=True to continue that run, or use another checkpoint_dir"
             )
         check_resumable(self.read_meta(step), model, config, self.directory)
-        return self.restore(step, optimizer=optimizer)
+        return self.restore(step, optimizer=optimizer, model=model)
 
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of checkpoint `step`."""
@@ -320,11 +437,9 @@ class Checkpointer:
             )["meta"]
         except Exception as e:
             raise self._corrupt(step, e) from e
-        if not isinstance(meta, dict) or not {"spec", "config", "sha256"} <= set(meta):
-            raise self._corrupt(step, ValueError(f"metadata is incomplete: {meta!r:.200}"))
-        return meta
+        return check_meta(meta, f"checkpoint step {step} in {self.directory}")
 
-    def restore(self, step: int | None = None, *, optimizer=None) -> Restored:
+    def restore(self, step: int | None = None, *, optimizer=None, model=None) -> Restored:
         """Reads checkpoint `step` (default: the latest) back.
 
         Args:
@@ -332,6 +447,8 @@ class Checkpointer:
           optimizer: the optax optimizer of the run; rebuilt from the saved
             config when None (which needs a named optimizer and a float
             learning rate).
+          model: the run's model, whose spec must be the saved one; rebuilt from
+            the spec when None (a Flax module only where its class is importable).
 
         Raises:
           CheckpointError: no checkpoint, or it is corrupt, truncated, or its
@@ -348,7 +465,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint step {step!r} in {self.directory}; have {steps}")
         meta = self.read_meta(step)
         try:
-            model = models.from_spec(meta["spec"])
+            model = _model_of(meta["spec"], model)
             tx = optimizer if optimizer is not None else optimizer_from_config(meta["config"])
             abstract = _abstract_tree(model, tx, meta)
         except FmlError as e:
@@ -361,10 +478,18 @@ class Checkpointer:
             )["state"]
         except Exception as e:
             raise self._corrupt(step, e) from e
-        if tree_sha256(tree) != meta["sha256"]:
+        arrays_sha256 = meta["arrays_sha256"] if meta.get("format") == 2 else meta["sha256"]
+        if tree_sha256(tree) != arrays_sha256:
             raise self._corrupt(step, ValueError("its arrays do not match their SHA-256"))
         best_params = tree.pop("best_params", None)
-        key = jax.random.wrap_key_data(tree.pop("key"), impl=meta.get("key_impl", "threefry2x32"))
+        impl = meta.get("key_impl", "threefry2x32")
+        try:
+            key = jax.random.wrap_key_data(tree.pop("key"), impl=impl)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: its key data does not fit "
+                f"key_impl {impl!r}: {e}"
+            ) from e
         state = TrainState(**jax.device_put(tree), key=key)
         return Restored(model, state, step, meta, best_params)
 
@@ -396,6 +521,16 @@ class Checkpointer:
         self._manager.close()
 
 
+def _model_of(spec: dict, model: Model | None) -> Model:
+    """The saved spec's model: `model` when given (its spec must be the saved one)."""
+    if model is None:
+        return models.from_spec(spec)
+    if not isinstance(model, Model) or canonical_spec(model.spec) != canonical_spec(spec):
+        got = canonical_spec(model.spec) if isinstance(model, Model) else type(model).__name__
+        raise CheckpointError(f"expected model= with the saved spec {spec}, got {got}")
+    return model
+
+
 def _check_writable(directory: pathlib.Path) -> None:
     """Creates `directory` and proves it writable with a probe file (OSError if not)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -420,7 +555,9 @@ def _abstract_tree(model: Model, tx, meta: dict):
 # ------------------------------------------------------------------ public API
 
 
-def restore(run_dir, *, step: int | None = None, optimizer=None) -> tuple[Model, TrainState]:
+def restore(
+    run_dir, *, step: int | None = None, optimizer=None, model: Model | None = None
+) -> tuple[Model, TrainState]:
     """`(model, state)` from a run directory's checkpoint, with no user code.
 
     The spec rebuilds the model; the optimizer is rebuilt from the run's config
@@ -430,13 +567,16 @@ def restore(run_dir, *, step: int | None = None, optimizer=None) -> tuple[Model,
       run_dir: the run directory (`fit(..., checkpoint_dir=run_dir)`).
       step: which checkpoint (default: the latest).
       optimizer: the run's optax optimizer, if it cannot be rebuilt by name.
+      model: the run's model (its spec must be the saved one), for a model the
+        spec cannot rebuild, e.g. a Flax module defined in `__main__` or with
+        non-JSON constructor arguments.
 
     Raises:
       CheckpointError: no checkpoint, or a corrupt or mismatched one.
     """
     checkpoints = Checkpointer(_existing(run_dir), read_only=True)
     try:
-        restored = checkpoints.restore(step, optimizer=optimizer)
+        restored = checkpoints.restore(step, optimizer=optimizer, model=model)
     finally:
         checkpoints.close()
     return restored.model, restored.state

@@ -1,9 +1,10 @@
 """Experiments: one config in, one run directory out.
 
 `train_and_evaluate(config, workdir)` (in the style of Flax's examples/mnist)
-loads the data set the config names (falling back to an embedded one, and saying
-so, when it is not available), builds the family's preset model for that data,
-trains it with `fml.fit`, and writes the run directory of `fml.rundir` plus
+loads the data set the config names (falling back to an embedded one only when
+the config's `fallback` asks, and then saying so and naming it in the run),
+builds the family's preset model for that data, trains it with `fml.fit`, and
+writes the run directory of `fml.rundir` (with the data set's preprocessing) plus
 `curves.png`. `evaluate_run(run_dir)` reloads a run with no user code and
 reproduces its test metrics exactly.
 
@@ -22,13 +23,15 @@ import time
 from typing import NamedTuple
 
 import jax
-import numpy as np
 
 from fml import data as data_lib
 from fml import plots, rundir
-from fml.errors import ConfigError, FmlError
-from fml.models import presets
-from fml.train import evaluate, fit
+from fml import preprocessing as preprocessing_lib
+from fml.errors import CheckpointError, ConfigError, DataError
+from fml.inference import evaluate
+from fml.lock import run_lock
+from fml.models import default_loss, presets
+from fml.train import fit
 
 # What a config holds; `make_config` fills the rest from the family's recipe.
 CONFIG_KEYS = (
@@ -45,7 +48,8 @@ CONFIG_KEYS = (
     "fallback",
 )
 
-# When a named (TFDS) set cannot be loaded, the embedded set of the same kind.
+# The embedded set of the same kind as a TFDS set, to name in errors and to use
+# when a config asks for a fallback (`fallback="digits"`, `fml train --fallback digits`).
 FALLBACKS = {
     "mnist": "digits",
     "fashion_mnist": "digits",
@@ -112,7 +116,7 @@ def make_config(family: str, dataset: str, **overrides) -> dict:
         "weight_decay": recipe.weight_decay,
         "seed": 0,
         "validation": 0.1,
-        "fallback": FALLBACKS.get(dataset),
+        "fallback": None,
     }
     config.update(overrides)
     if not 0.0 <= config["validation"] < 1.0:
@@ -121,7 +125,9 @@ def make_config(family: str, dataset: str, **overrides) -> dict:
 
 
 def load_data(config: dict, *, log=print):
-    """`(dataset, name_used)`: the config's data set, or its fallback when that fails.
+    """`(dataset, name_used)`: the config's data set, or, when that cannot be loaded
+    and the config names a `fallback`, that one (said in `log`). Without a fallback,
+    a set that is not here is a `DataError` that says how to get it.
 
     The validation split (seed 0, so every training seed sees the same split) is
     taken from train before any standardisation, so `evaluate_run` can rebuild it.
@@ -130,9 +136,15 @@ def load_data(config: dict, *, log=print):
     kwargs = {"validation": config["validation"]}
     try:
         return data_lib.load(name, **kwargs), name
-    except FmlError as e:
+    except DataError as e:
         if not fallback:
-            raise
+            hint = FALLBACKS.get(name)
+            if hint is None:
+                raise
+            raise DataError(
+                f"{e} To train on the embedded {hint!r} set instead, ask for it: "
+                f"`fml train ... --fallback {hint}` (fallback={hint!r} in a config)."
+            ) from None
         log(f"data: {name!r} is not available here ({e}); using embedded {fallback!r} instead")
         return data_lib.load(fallback, **kwargs), fallback
 
@@ -145,18 +157,65 @@ def build_model(config: dict, dataset):
     return recipe.build(dataset.input_shape, outputs)
 
 
+# How `run_name` spells a setting that differs from the recipe's.
+_NAME_PARTS = {
+    "optimizer": "{}",
+    "learning_rate": "lr{:g}",
+    "batch_size": "bs{}",
+    "weight_decay": "wd{:g}",
+}
+
+
+def run_name(config: dict) -> str:
+    """The default run directory name: family, RNN cell, the data set used (and the
+    one asked for, when a fallback stood in), every setting that differs from the
+    recipe's (optimizer, learning rate, batch size, weight decay, validation) and
+    the seed; not the epochs, so that `--resume` with more epochs finds the run.
+
+    Example: `rnn-lstm-mnist1d-lr0.01-seed3`, `mlp-digits-for-mnist-seed0`.
+    """
+    requested = config.get("dataset_requested", config["dataset"])
+    parts = [config["family"]]
+    if config.get("cell"):
+        parts.append(config["cell"])
+    parts.append(config["dataset"])
+    if requested != config["dataset"]:
+        parts.append(f"for-{requested}")
+    recipe = presets.recipe(config["family"], requested, cell=config.get("cell") or "gru")
+    for key, spelling in _NAME_PARTS.items():
+        if config.get(key) != getattr(recipe, key):
+            parts.append(spelling.format(config[key]))
+    if config.get("validation", 0.1) != 0.1:
+        parts.append(f"val{config['validation']:g}")
+    parts.append(f"seed{config['seed']}")
+    return "-".join(parts)
+
+
 def train_and_evaluate(
-    config: dict, workdir, *, log=print, checkpoint: bool = False, resume: bool = False
+    config: dict,
+    workdir=None,
+    *,
+    log=print,
+    checkpoint: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    runs: str = "runs",
 ) -> RunResult:
     """Trains the model `config` describes and writes its run directory.
 
     Args:
       config: from `make_config`.
-      workdir: the run directory (created; existing files are replaced atomically).
+      workdir: the run directory; None: `runs/run_name(config)`. One that already
+        holds a run is refused before any training (`fml.rundir.prepare`), unless
+        `resume` or `overwrite`.
       log: where progress lines go (`print`, or `lambda *_: None` for silence).
       checkpoint: save the whole run state every epoch into `workdir/checkpoints`.
       resume: continue the run checkpointed in `workdir` up to `config["epochs"]`
         (implies `checkpoint`).
+      overwrite: delete a run already in `workdir` first.
+      quiet: no progress bar.
+      runs: where default-named run directories go.
 
     Returns:
       a `RunResult`.
@@ -172,6 +231,18 @@ def train_and_evaluate(
         "num_classes": dataset.num_classes,
         "device": device_description(),
     }
+    workdir = pathlib.Path(runs) / run_name(config) if workdir is None else pathlib.Path(workdir)
+    with run_lock(workdir, writer=jax.process_index() == 0):
+        workdir = rundir.prepare(workdir, resume=resume, overwrite=overwrite)
+        return _train(
+            config, dataset, model, workdir, checkpoint=checkpoint, resume=resume, quiet=quiet
+        )
+
+
+def _train(config: dict, dataset, model, workdir, *, checkpoint: bool, resume: bool, quiet: bool):
+    """Trains and writes the run in `workdir` (locked and prepared)."""
+    used = config["dataset"]
+    rundir.save_preprocessing(workdir, dataset.preprocessing)
     optimizer_kwargs = {"weight_decay": config["weight_decay"]} if config["weight_decay"] else None
     started = time.perf_counter()
     state, history = fit(
@@ -183,7 +254,7 @@ def train_and_evaluate(
         batch_size=config["batch_size"],
         seed=config["seed"],
         fused=True,
-        quiet=True,
+        quiet=quiet,
         optimizer_kwargs=optimizer_kwargs,
         checkpoint_dir=pathlib.Path(workdir) if checkpoint or resume else None,
         resume=resume,
@@ -191,7 +262,10 @@ def train_and_evaluate(
     seconds = time.perf_counter() - started
     config["train_seconds"] = seconds
     title = f"{config['family']} on {used} (seed {config['seed']})"
-    run_dir = write_run(workdir, model, state.params, config, history, title=title)
+    run_dir = write_run(
+        workdir, model, state.params, config, history, title=title,
+        preprocessing=dataset.preprocessing,
+    )  # fmt: skip
     return RunResult(run_dir, dict(history["test"]), seconds, config, history, state)
 
 
@@ -210,12 +284,22 @@ def finished_run(config: dict, workdir) -> tuple[dict, float] | None:
     return test, saved.get("train_seconds", math.nan)
 
 
-def write_run(workdir, model, params, config: dict, history: dict, *, title: str = ""):
+def write_run(
+    workdir, model, params, config: dict, history: dict, *, title: str = "", preprocessing=None
+):
     """`fml.rundir.save_run` plus `curves.png` when the history has epochs; returns
     the directory."""
-    run_dir = rundir.save_run(workdir, model=model, params=params, config=config, history=history)
+    run_dir = rundir.save_run(
+        workdir,
+        model=model,
+        params=params,
+        config=config,
+        history=history,
+        preprocessing=preprocessing,
+    )
     if history.get("train_loss"):
-        plots.learning_curves(history, run_dir / "curves.png", title=title)
+        loss = default_loss(model.spec, config.get("task", "classification"))
+        plots.learning_curves(history, run_dir / "curves.png", title=title, loss_name=loss)
     return run_dir
 
 
@@ -228,60 +312,24 @@ def evaluate_run(run_dir, dataset: str | None = None) -> dict:
 
     Returns:
       `{"loss": ..., "accuracy" | "r2": ...}`; on the run's own data set these equal
-      the saved `history.json["test"]` exactly.
+      the saved `history.json["test"]` exactly. The test split is preprocessed with
+      the run's own saved statistics (`preprocessing.json`), not refitted ones.
     """
     model, params, config = rundir.load_run(run_dir)
-    name = dataset or config["dataset"]
-    data = data_lib.load(name, validation=config.get("validation", 0.0))
-    if tuple(data.input_shape) != tuple(config["input_shape"]):
-        raise ConfigError(
-            f"run {run_dir} expects inputs of shape {tuple(config['input_shape'])}, "
-            f"but {name!r} has {data.input_shape}"
+    block = rundir.load_preprocessing(run_dir, config["input_shape"])
+    name = dataset or config.get("dataset")
+    if not isinstance(name, str):
+        raise CheckpointError(
+            f"{pathlib.Path(run_dir) / 'config.json'}: expected a 'dataset' name, got {name!r}; "
+            "pass dataset= to evaluate on another data set"
         )
-    return evaluate(model, params, data.x_test, data.y_test, task=data.task)
-
-
-# ------------------------------------------------------------------ tables
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and (population) standard deviation."""
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std())
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; floats are shown with 4 decimals."""
-
-    def cell(value):
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.4f}"
-        return str(value)
-
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-    ]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_table(table: str, out, *, device: str | None = None) -> pathlib.Path:
-    """Writes `table` (with the device line above it) to `out/table.md`; returns the path."""
-    text = f"Device: {device or device_description()}\n\n{table}\n"
-    path = pathlib.Path(out) / "table.md"
-    rundir.atomic_write(path, text.encode())
-    return path
-
-
-def script_main(doc: str, default_out: str, make_table) -> None:
-    """The command line of a table experiment: `--out DIR --scale S`, then
-    `make_table(out, scale=S)` (which prints the table) and where it was written."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc)
-    parser.add_argument("--out", default=default_out)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every epoch budget")
-    args = parser.parse_args()
-    _, path = make_table(args.out, scale=args.scale)
-    print(f"\ntable written to {path}; run directories under {args.out}/")
+    data = data_lib.load(name, validation=config.get("validation", 0.0), standardize=False)
+    if tuple(data.preprocessing["raw_shape"]) != tuple(block["raw_shape"]):
+        raise ConfigError(
+            f"run {run_dir} expects inputs of shape {tuple(config['input_shape'])} "
+            f"(raw {tuple(block['raw_shape'])}), but {name!r} has {data.input_shape} "
+            f"(raw {tuple(data.preprocessing['raw_shape'])})"
+        )
+    rest = preprocessing_lib.remaining(block, data.preprocessing)
+    x_test = preprocessing_lib.apply(rest, data.x_test, where=f"{name} test split")
+    return evaluate(model, params, x_test, data.y_test, task=data.task)

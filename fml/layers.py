@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fml.errors import ConfigError, ShapeError, unknown
@@ -93,12 +94,21 @@ def explicit_padding(padding: Padding, ndim: int):
 _CONV_DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 
 
-def conv(params: dict, x, *, stride: int | Sequence[int] = 1, padding: Padding = "SAME"):
+def conv(
+    params: dict,
+    x,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    platform: str | None = None,
+):
     """Channels-last convolution; 1D or 2D is read off the rank of `params["w"]`.
 
-    The forward pass is XLA's convolution; the gradients are those of the same
-    convolution written as shifted slices and one matmul (`_conv_vjp`), which
-    XLA:CPU runs several times faster inside a `lax.scan` (fused epochs).
+    The forward pass is XLA's convolution. On XLA:CPU the gradients are those of
+    the same convolution written as shifted slices and one matmul (`_conv_vjp`),
+    several times faster there inside a `lax.scan` (fused epochs); on every other
+    platform (cuda, rocm, tpu) they are XLA's own convolutions (cuDNN's kernels),
+    chosen when the program is lowered (`on_platform`).
 
     Args:
       params: `{"w": [*kernel, C_in, C_out], "b": [C_out]}`.
@@ -106,6 +116,7 @@ def conv(params: dict, x, *, stride: int | Sequence[int] = 1, padding: Padding =
       stride: int or one per spatial dim.
       padding: "SAME" (JAX's convention: extra padding goes high), "VALID", an int
         applied to both sides of every spatial dim, or explicit (low, high) pairs.
+      platform: None (chosen at lowering), or "cpu" / "native" to force a path.
 
     Returns:
       `[B, *spatial_out, C_out]`.
@@ -118,7 +129,42 @@ def conv(params: dict, x, *, stride: int | Sequence[int] = 1, padding: Padding =
         pads = [(0, 0)] * ndim
     elif pads == "SAME":
         pads = [_same_pads(n, k, s) for n, k, s in zip(x.shape[1:-1], w.shape[:-2], strides)]
-    return add_bias(_conv(x, w, strides, tuple(map(tuple, pads))), params["b"])
+    y = conv_nobias(x, w, strides, tuple(map(tuple, pads)), platform=platform)
+    return add_bias(y, params["b"])
+
+
+PLATFORM_PATHS = ("cpu", "native")
+
+
+def on_platform(*args, cpu: Callable, native: Callable, platform: str | None = None):
+    """`cpu(*args)` when the program runs on XLA:CPU, `native(*args)` on any other
+    platform; the choice is made when the program is lowered for its platform
+    (`lax.platform_dependent`), so one traced function serves every platform and
+    a multi-platform export carries both. `platform` ("cpu" or "native") forces
+    one path wherever it runs (to compare them, in tests and benchmarks)."""
+    if platform is None:
+        return lax.platform_dependent(*args, cpu=cpu, default=native)
+    if platform not in PLATFORM_PATHS:
+        raise unknown("platform path", platform, PLATFORM_PATHS)
+    return (cpu if platform == "cpu" else native)(*args)
+
+
+def conv_nobias(x, w, strides: tuple, pads: tuple, *, platform: str | None = None):
+    """XLA's convolution of channels-last `x` with `w`, explicit `(low, high)` pads;
+    its gradient is im2col on CPU and native elsewhere (see `on_platform`)."""
+
+    def cpu(x, w):
+        return _conv(x, w, strides, pads)
+
+    def native(x, w):
+        return _conv_native(x, w, strides, pads)
+
+    return on_platform(x, w, cpu=cpu, native=native, platform=platform)
+
+
+def _conv_native(x, w, strides, pads):
+    dims = _CONV_DIMS[w.ndim - 2]
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dims)
 
 
 def _conv_as_matmul(x, w, strides, pads):
@@ -131,8 +177,7 @@ def _conv_as_matmul(x, w, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, w, strides, pads):
-    dims = _CONV_DIMS[w.ndim - 2]
-    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dims)
+    return _conv_native(x, w, strides, pads)
 
 
 def _conv_forward(x, w, strides, pads):
@@ -181,14 +226,18 @@ def _window_slices(x, window, stride, first_axis: int = 1):
     spatial axes start at `first_axis` (1 for channels-last `x`).
 
     Taking max/mean over these slices is much faster on XLA:CPU than
-    `reduce_window`, whose max gradient dominates small CNN steps.
+    `reduce_window`, whose max gradient dominates small CNN steps. Each is one
+    `lax.slice`: under a symbolic batch (a SavedModel's) it stays a slice, where
+    `x[:, a:b:s]` becomes a dynamic gather that TFLite cannot convert.
     """
     spatial = x.shape[first_axis : first_axis + len(window)]
     out = [(n - w) // s + 1 for n, w, s in zip(spatial, window, stride)]
-    lead = (slice(None),) * first_axis
+    lead, trail = x.shape[:first_axis], x.shape[first_axis + len(window) :]
+    strides = (1,) * len(lead) + tuple(stride) + (1,) * len(trail)
     for offsets in itertools.product(*(range(w) for w in window)):
-        index = tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offsets, stride, out))
-        yield x[(*lead, *index)]
+        starts = (0,) * len(lead) + offsets + (0,) * len(trail)
+        ends = [o + s * (n - 1) + 1 for o, s, n in zip(offsets, stride, out)]
+        yield lax.slice(x, starts, (*lead, *ends, *trail), strides)
 
 
 def _pool_geometry(x, window, stride, padding):
@@ -206,24 +255,50 @@ def _pool_geometry(x, window, stride, padding):
     return window, stride, [(0, 0), *pads, (0, 0)]
 
 
-def max_pool(x, window: int | Sequence[int], stride=None, padding: Padding = "VALID"):
-    """Max pooling over the spatial dims of channels-last `x`; stride defaults to window."""
+def max_pool(
+    x, window: int | Sequence[int], stride=None, padding: Padding = "VALID", *, platform=None
+):
+    """Max pooling over the spatial dims of channels-last `x`; stride defaults to window.
+
+    On XLA:CPU the max of every window offset's strided slice; elsewhere XLA's
+    `reduce_window` (`platform` forces one, see `on_platform`)."""
     window, stride, pads = _pool_geometry(x, window, stride, padding)
     x = jnp.pad(x, pads, constant_values=-jnp.inf)
-    slices = _window_slices(x, window, stride)
-    out = next(slices)
-    for s in slices:
-        out = jnp.maximum(out, s)
-    return out
+
+    def cpu(x):
+        return functools.reduce(jnp.maximum, _window_slices(x, window, stride))
+
+    def native(x):
+        return _reduce_window(x, lax.max, -np.inf, window, stride)
+
+    return on_platform(x, cpu=cpu, native=native, platform=platform)
 
 
-def avg_pool(x, window: int | Sequence[int], stride=None, padding: Padding = "VALID"):
-    """Average pooling; with padding, the mean is over the real (unpadded) elements."""
+def avg_pool(
+    x, window: int | Sequence[int], stride=None, padding: Padding = "VALID", *, platform=None
+):
+    """Average pooling; with padding, the mean is over the real (unpadded) elements.
+    Summed as `max_pool` takes its max (slices on CPU, `reduce_window` elsewhere)."""
     window, stride, pads = _pool_geometry(x, window, stride, padding)
-    total = sum(_window_slices(jnp.pad(x, pads), window, stride))
+
+    def cpu(x):
+        return sum(_window_slices(x, window, stride))
+
+    def native(x):
+        return _reduce_window(x, lax.add, 0.0, window, stride)
+
+    total = on_platform(jnp.pad(x, pads), cpu=cpu, native=native, platform=platform)
     ones = jnp.pad(jnp.ones((1, *x.shape[1:-1], 1), x.dtype), pads)
     count = sum(_window_slices(ones, window, stride))
     return total / count
+
+
+def _reduce_window(x, op, identity: float, window, stride):
+    """XLA's VALID `reduce_window` over the spatial dims of channels-last `x`; with
+    `identity` the monoid's own (`-inf` for max, 0 for add), jax differentiates it."""
+    ones = (1,) * (x.ndim - len(window) - 1)
+    init = np.array(identity, x.dtype)
+    return lax.reduce_window(x, init, op, (*ones, *window, 1), (*ones, *stride, 1), "VALID")
 
 
 # ------------------------------------------------------------ dropout, norms
@@ -290,15 +365,23 @@ def cell_init(key, gates: int, in_features: int, hidden: int, dtype=jnp.float32)
 
 def project(params: dict, x_TxBxD, gates: int) -> tuple:
     """The input half of every gate, `x @ weight_ih.T + bias_ih`, as one
-    `[T, B, H]` array per gate."""
-    weights = jnp.split(params["weight_ih"], gates)
-    biases = jnp.split(params["bias_ih"], gates)
-    return tuple(add_bias(x_TxBxD @ w.T, b) for w, b in zip(weights, biases))
+    `[T, B, H]` array per gate: the matmul in the weights' dtype (the compute
+    dtype), accumulated and returned in float32 at least, like the carry."""
+    w_ih = params["weight_ih"]
+    out = jnp.promote_types(w_ih.dtype, jnp.float32)
+    x_TxBxD = x_TxBxD.astype(w_ih.dtype)
+    return tuple(
+        add_bias(jnp.matmul(x_TxBxD, w.T, preferred_element_type=out), b.astype(out))
+        for w, b in zip(jnp.split(w_ih, gates), jnp.split(params["bias_ih"], gates))
+    )
 
 
 def _recurrent_half(params, h, gates: int) -> list:
-    """`h @ weight_hh.T + bias_hh` (one matmul), split per gate."""
-    return jnp.split(add_bias(h @ params["weight_hh"].T, params["bias_hh"]), gates, axis=-1)
+    """`h @ weight_hh.T + bias_hh` (one matmul), split per gate: the matmul in the
+    weights' dtype, accumulated and returned in the carry's (float32 at least)."""
+    w = params["weight_hh"]
+    gh = jnp.matmul(h.astype(w.dtype), w.T, preferred_element_type=h.dtype)
+    return jnp.split(add_bias(gh, params["bias_hh"].astype(h.dtype)), gates, axis=-1)
 
 
 def _simple_step(params, h, gx):
@@ -350,7 +433,9 @@ def _reverse_within_lengths(x_BxTx, lengths_B):
     return jnp.take_along_axis(x_BxTx, index_BxT[..., None], axis=1)
 
 
-def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, lengths_B=None):
+def scan_rnn(
+    cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, lengths_B=None, unroll: int = 1
+):
     """Runs `cell` over time with one `lax.scan`.
 
     Args:
@@ -361,17 +446,20 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
       lengths_B: optional valid lengths; steps at or past a sequence's length leave
         its carry unchanged and output zeros. Reversal is within each length, as
         PyTorch's packed sequences do.
+      unroll: time steps per loop iteration (`lax.scan`'s `unroll`).
 
     Returns:
       `(carry, h_BxTxH)`: the final carry (for LSTM `(h, c)`) and every output,
-      in the original time order.
+      in the original time order, float32 (or float64) whatever the compute dtype
+      of `params` and `x_BxTxD`: only the matmuls run in that dtype.
     """
     batch, steps, _ = x_BxTxD.shape
     hidden = params["weight_hh"].shape[1]
     if reverse and lengths_B is not None:
         x_BxTxD = _reverse_within_lengths(x_BxTxD, lengths_B)
     gx_TxBxH = project(params, jnp.swapaxes(x_BxTxD, 0, 1), cell.gates)
-    carry = cell.zero_carry(batch, hidden, x_BxTxD.dtype)
+    # The carry is float32 at least: a bfloat16 state loses digits at every step.
+    carry = cell.zero_carry(batch, hidden, jnp.promote_types(x_BxTxD.dtype, jnp.float32))
     scan_reverse = reverse and lengths_B is None
 
     if lengths_B is None:
@@ -379,7 +467,7 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
         def body(carry, gx_BxH):
             return cell.step(params, carry, gx_BxH)
 
-        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxH, reverse=scan_reverse)
+        carry, h_TxBxH = lax.scan(body, carry, gx_TxBxH, reverse=scan_reverse, unroll=unroll)
     else:
         valid_TxB = jnp.arange(steps)[:, None] < lengths_B[None, :]
 
@@ -390,7 +478,7 @@ def scan_rnn(cell: Cell, params: dict, x_BxTxD, *, reverse: bool = False, length
             new_carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_carry, carry)
             return new_carry, jnp.where(keep, h_BxH, 0.0)
 
-        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxH, valid_TxB))
+        carry, h_TxBxH = lax.scan(body, carry, (gx_TxBxH, valid_TxB), unroll=unroll)
     h_BxTxH = jnp.swapaxes(h_TxBxH, 0, 1)
     if reverse and lengths_B is not None:
         h_BxTxH = _reverse_within_lengths(h_BxTxH, lengths_B)

@@ -32,6 +32,7 @@ Example:
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -43,6 +44,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -305,10 +307,31 @@ class DataParallel:
         on its devices as part of the global array."""
         return shard_batch(batch, self.mesh, stacked=self.stacked)
 
-    def host_runner(self, train_step: Callable, stream) -> HostRunner:
-        """Per-replica steps fed by `stream`: each process reads its columns of every
-        global batch (`stream.batches`) and places them on its devices."""
+    def programs(
+        self,
+        train_step: Callable,
+        *,
+        fused: bool,
+        batch_size: int = 0,
+        drop_remainder: bool = False,
+        shuffle: bool = True,
+    ) -> tuple:
+        """The compiled per-replica programs a runner takes: `(step,)` host-fed (its
+        dispatch bounded for pmap on XLA:CPU), `(epoch, steps)` fused."""
+        if fused:
+            epoch = self.epoch(
+                train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
+            )
+            return epoch, self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
         step = self.step(train_step)
+        if self.stacked and self.mesh.devices.flat[0].platform == "cpu":
+            step = bounded_dispatch(step)  # else XLA:CPU may abort (see PMAP_IN_FLIGHT)
+        return (step,)
+
+    def host_runner(self, programs: tuple, stream) -> HostRunner:
+        """Per-replica steps (`programs(..., fused=False)`) fed by `stream`: each process
+        reads its columns of every global batch and places them on its devices."""
+        (step,) = programs
         return HostRunner(
             step, stream, stream.steps_per_epoch, put=self.put_local_batch, local=self.local
         )
@@ -327,14 +350,12 @@ class DataParallel:
         )
 
     def fused_runner(
-        self, train_step: Callable, x, y, *, seed, batch_size, drop_remainder, shuffle
+        self, programs: tuple, x, y, *, seed, batch_size, drop_remainder, shuffle
     ) -> FusedRunner:
-        """Fused epochs over `(x, y)` replicated on every device; every replica draws
-        the same batches (`fml.batching`) and trains on its rows of each."""
-        run_epoch = self.epoch(
-            train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
-        )
-        run_steps = self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
+        """Fused epochs (`programs(..., fused=True)`) over `(x, y)` replicated on every
+        device; every replica draws the same batches (`fml.batching`) and trains on its
+        rows of each."""
+        run_epoch, run_steps = programs
         x_dev, y_dev = self.replicate((x, y))
         return FusedRunner(
             run_epoch,
@@ -499,12 +520,65 @@ def _warn_after(timeout_s: float, message: str) -> threading.Timer:
     return timer
 
 
+def _positive_seconds(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"expected {name} > 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _kv_client():
+    """JAX's distributed key-value store client (`jax.experimental.multihost_utils`
+    reaches it the same way; JAX has no public accessor)."""
+    return jax_distributed.global_state.client
+
+
+def check_agreement(cluster: Cluster, *, timeout_s: float) -> None:
+    """Every process must have been told the same process count and bring the
+    same number of devices: each publishes `(num_processes, local devices)` in
+    JAX's key-value store and reads every other's, within `timeout_s`.
+
+    Raises:
+      DistributedError: a process disagrees (the message names it and its
+        values), or one did not publish in time.
+    """
+    client = _kv_client()
+    mine = {"num_processes": cluster.num_processes, "devices": jax.local_device_count()}
+    client.key_value_set(f"fml/initialize/{cluster.process_id}", json.dumps(mine))
+    where = f"process {cluster.process_id} of {cluster.num_processes}"
+    for other in range(cluster.num_processes):
+        if other == cluster.process_id:
+            continue
+        try:
+            theirs = json.loads(
+                client.blocking_key_value_get(
+                    f"fml/initialize/{other}", max(1, int(timeout_s * 1000))
+                )
+            )
+        except Exception as e:  # JAX raises its runtime's error type on a timeout
+            raise DistributedError(
+                f"{where}: process {other} did not report its settings within {timeout_s:g} s "
+                f"({type(e).__name__}); it was started with fewer processes, or died"
+            ) from None
+        if theirs != mine:
+            raise DistributedError(
+                f"{where}: processes disagree on the run's shape: this one has {mine}, "
+                f"process {other} has {theirs}; start every process with the same "
+                "num_processes and the same number of devices"
+            )
+    if jax.process_count() != cluster.num_processes:
+        raise DistributedError(
+            f"{where}: JAX joined {jax.process_count()} processes, not {cluster.num_processes}"
+        )
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
     timeout_s: float = 60.0,
+    heartbeat_timeout_s: float = 100.0,
+    shutdown_timeout_s: float = 300.0,
     local_device_ids: Sequence[int] | None = None,
 ) -> Cluster:
     """Joins this process to a multi-process run with `jax.distributed.initialize`.
@@ -512,9 +586,19 @@ def initialize(
     Call it first, before any JAX computation, in every process. Values left out
     come from the environment (`cluster_from_environment`); with no settings at
     all it does nothing and returns a one-process `Cluster`. On CPU it selects
-    gloo collectives. Afterwards `jax.devices()` lists every process's devices,
-    and `fit(..., parallel="shard_map")` (the default when there are several
+    gloo collectives. Afterwards every process has checked that all agree on the
+    process count and bring the same number of devices (`check_agreement`),
+    `jax.devices()` lists every process's devices, and
+    `fit(..., parallel="shard_map")` (the default when there are several
     processes) trains over all of them.
+
+    What a dead peer does to the others is JAX's: its coordination service
+    notices missed heartbeats after `heartbeat_timeout_s` and ends every other
+    process. JAX ends them from C++ (the process exits with a non-zero status
+    and a "heartbeat" / "unavailable" message on stderr), not with a Python
+    exception, so fml cannot turn that into a `DistributedError`; it bounds the
+    time instead. A peer that dies inside a collective may end the others
+    sooner, with gloo's connection error.
 
     Args:
       coordinator_address: "host:port" of process 0, which runs the coordinator.
@@ -525,6 +609,11 @@ def initialize(
         within it; if the coordinator is reachable but not every process joins in
         time, a clear message is printed at `timeout_s` and JAX's runtime aborts
         the process a few seconds later (it offers no way to recover).
+      heartbeat_timeout_s: how long a process may miss heartbeats before the
+        coordinator declares it dead and the others are ended (JAX's
+        `heartbeat_timeout_seconds`, whole seconds, at least 1).
+      shutdown_timeout_s: how long `jax.distributed.shutdown` waits at the end
+        of a run for every process to reach it (JAX's `shutdown_timeout_seconds`).
       local_device_ids: restricts this process to these local devices (GPUs).
 
     Returns:
@@ -533,15 +622,16 @@ def initialize(
     Raises:
       ConfigError: settings missing or inconsistent.
       DistributedError: coordinator unreachable in time, JAX already started, or
-        processes with different numbers of devices.
+        processes that disagree on the process count or their number of devices.
 
     Example:
       >>> import fml
       >>> fml.parallel.initialize()     # SLURM, Kubeflow, TPU pod, or one process
       Cluster(coordinator_address=None, num_processes=1, process_id=0, source='single process')
     """
-    if not timeout_s > 0:
-        raise ConfigError(f"expected timeout_s > 0, got {timeout_s}")
+    timeout_s = _positive_seconds(timeout_s, "timeout_s")
+    heartbeat_timeout_s = _positive_seconds(heartbeat_timeout_s, "heartbeat_timeout_s")
+    shutdown_timeout_s = _positive_seconds(shutdown_timeout_s, "shutdown_timeout_s")
     cluster = cluster_from_environment(coordinator_address, num_processes, process_id)
     if cluster.num_processes == 1:
         return cluster
@@ -569,6 +659,8 @@ def initialize(
             cluster.process_id,
             local_device_ids=local_device_ids,
             initialization_timeout=max(1, math.ceil(timeout_s)),
+            heartbeat_timeout_seconds=max(1, math.ceil(heartbeat_timeout_s)),
+            shutdown_timeout_seconds=max(1, math.ceil(shutdown_timeout_s)),
         )
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"{where}: jax.distributed.initialize failed: {e}") from e
@@ -576,7 +668,52 @@ def initialize(
         warning.cancel()
     try:
         check_devices_per_process(jax.devices())
+        check_agreement(cluster, timeout_s=timeout_s)
     except DistributedError:
         jax.distributed.shutdown()
         raise
     return cluster
+
+
+# ------------------------------------------------------------------ bounded in-flight work
+
+# XLA:CPU runs each device's part of a pmapped program on a worker thread, and
+# an all-reduce waits (40 s, then aborts the process) until all of its
+# participants have arrived. With many host-fed pmap steps dispatched ahead,
+# one device's part of an early step was never scheduled: 7 of 8 participants
+# waited and XLA killed the process (mnist1d MLP 512-512, 8 CPU devices: stuck
+# after 9 to 16 steps dispatched ahead). At most this many steps in flight ran
+# every step to the end (189 steps).
+PMAP_IN_FLIGHT = 4
+
+
+def bounded_dispatch(step: Callable, *, every: int = PMAP_IN_FLIGHT) -> Callable:
+    """`step(state, *args) -> outputs` that waits for its own outputs every `every`
+    calls, so that no more than `every` launches are ever in flight.
+
+    Wrap host-fed pmap steps on XLA:CPU with it (`jax.devices()[0].platform ==
+    "cpu"`); on accelerators it only costs a pipeline drain every `every` steps.
+
+    Args:
+      step: the launched step (e.g. `pmap_step(...)`).
+      every: how many calls may be in flight before the next waits.
+
+    Example:
+      >>> import jax
+      >>> double = bounded_dispatch(jax.jit(lambda s: s * 2), every=2)
+      >>> int(double(double(double(1))))
+      8
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"expected every to be a positive int, got {every!r}")
+    calls = 0
+
+    def bounded(*args, **kwargs):
+        nonlocal calls
+        outputs = step(*args, **kwargs)
+        calls += 1
+        if calls % every == 0:
+            jax.block_until_ready(outputs)
+        return outputs
+
+    return bounded

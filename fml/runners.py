@@ -77,11 +77,10 @@ class HostRunner:
         for epoch, begin, end in epoch_segments(from_step, to_step, self.steps_per_epoch):
             for batch in self.stream.batches(epoch, begin, end, put=self.put):
                 state, metrics = self.step(state, batch)
-                per_step.append(metrics)
+                per_step.append(self.local(metrics))
         if not per_step:
             return state, {}
-        stacked = jax.tree.map(lambda *v: jnp.stack(v), *per_step)
-        return state, jax.device_get(self.local(stacked))
+        return state, jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *per_step))
 
 
 @dataclasses.dataclass

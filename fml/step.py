@@ -164,13 +164,25 @@ def _value_of_sums(sums, params, hparams):
     return sums["loss"] / jnp.maximum(sums["count"], 1.0) + hparams["l2"] * penalty
 
 
-def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name: str | None = None):
+def make_train_step(
+    model: Model,
+    objective: Objective,
+    optimizer,
+    *,
+    axis_name: str | None = None,
+    penalize: bool = True,
+):
     """The pure step `train_step(state, batch) -> (state, metrics)`.
 
-    With `axis_name`, the step runs per replica (under `shard_map` or `pmap`) and
-    the loss and gradient *sums* and example counts are `psum`med over that axis
-    before dividing, so the update equals the single-device one on the whole
-    global batch, padding included.
+    `penalize=False` leaves the L2 penalty (`state.hparams["l2"]`) out of the
+    program, for runs whose `l2` is 0: no pass over the params for it.
+
+    With `axis_name`, the step runs per replica (under `shard_map` or `pmap`): the
+    example count is `psum`med over that axis first, each replica differentiates
+    its loss sum over that global count, and the gradients and sums are `psum`med,
+    so the update equals the single-device one on the whole global batch, padding
+    included. (Dividing the loss, not the gradients, folds the mean into the
+    backward pass: no extra pass over the gradients.)
     """
 
     def reduce(tree):
@@ -178,7 +190,7 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
 
     def data_loss(params, batch, key):
         sums = _batch_sums(model, objective, params, batch, key, train=True)
-        return sums["loss"], sums
+        return sums["loss"] / jnp.maximum(reduce(sums["count"]), 1.0), sums
 
     objective_value = functools.partial(_objective_value, model, objective, reduce=reduce)
 
@@ -189,10 +201,12 @@ def make_train_step(model: Model, objective: Objective, optimizer, *, axis_name:
         grads, sums = jax.grad(data_loss, has_aux=True)(state.params, batch, key)
         grads, sums = reduce((grads, sums))
         count = jnp.maximum(sums["count"], 1.0)
-        l2 = state.hparams["l2"]
-        penalty, penalty_grads = jax.value_and_grad(losses_lib.l2_penalty)(state.params)
-        grads = jax.tree.map(lambda g, pg: g / count + l2 * pg, grads, penalty_grads)
-        value = sums["loss"] / count + l2 * penalty
+        value = sums["loss"] / count
+        if penalize:
+            l2 = state.hparams["l2"]
+            penalty, penalty_grads = jax.value_and_grad(losses_lib.l2_penalty)(state.params)
+            grads = jax.tree.map(lambda g, pg: g + l2 * pg, grads, penalty_grads)
+            value = value + l2 * penalty
         updates, opt_state = optimizer.update(
             grads,
             state.opt_state,

@@ -237,9 +237,12 @@ class SweepResult:
         writer.writerows(self.table)
         return out.getvalue()
 
-    def save(self, run_dir, *, config: dict | None = None) -> pathlib.Path:
-        """Writes the best member as a run directory (`fml.rundir` layout) plus
-        `table.md`, `table.csv`, `sweep.json` and the plot `sweep.png`."""
+    def save(
+        self, run_dir, *, config: dict | None = None, preprocessing: dict | None = None
+    ) -> pathlib.Path:
+        """Writes the best member as a run directory (`fml.rundir` layout, with the
+        data set's `preprocessing` when given) plus `table.md`, `table.csv`,
+        `sweep.json` and the plot `sweep.png`."""
         run_dir = pathlib.Path(run_dir)
         best = self.best_config
         history = {
@@ -264,6 +267,7 @@ class SweepResult:
             params=self.best_params,
             config=run_config,
             history=history,
+            preprocessing=preprocessing,
         )
         rundir.atomic_write(run_dir / "table.md", (self.markdown() + "\n").encode())
         rundir.atomic_write(run_dir / "table.csv", self.csv().encode())
@@ -431,9 +435,14 @@ def _host_epoch(step, state, x, y, keys, batch_size, drop_remainder):
 def _init_states(model, tx, input_shape, configs, l2_values):
     """The stacked `TrainState` of all members, each made by `init_state` exactly as
     `fit` makes it alone (its eager ops are compiled once and shared with `fit`)."""
-    states = []
+    states, by_seed = [], {}
     for config, l2 in zip(configs, l2_values):
-        state = step_lib.init_state(model, tx, input_shape, seed=config["seed"], l2=l2)
+        if config["seed"] not in by_seed:  # members of one seed start alike
+            by_seed[config["seed"]] = step_lib.init_state(
+                model, tx, input_shape, seed=config["seed"]
+            )
+        state = by_seed[config["seed"]]
+        state = state._replace(hparams={**state.hparams, "l2": np.asarray(l2, np.float32)})
         hyperparams = {
             n: np.asarray(v, np.float32) for n, v in config.items() if n not in MODEL_AXES
         }
@@ -461,6 +470,7 @@ def sweep(
     drop_remainder: bool = False,
     clip_norm: float | None = None,
     optimizer_kwargs: dict | None = None,
+    subsets: Sequence | None = None,
     **optimizer_hyperparams,
 ) -> SweepResult:
     """Trains every configuration of a grid (or a list) as one vmapped program.
@@ -482,6 +492,12 @@ def sweep(
       optimizer: a name in `fml.train.OPTIMIZERS` (not lbfgs).
       epochs, batch_size, loss, metric, validation, fused, drop_remainder,
         clip_norm, optimizer_kwargs: as in `fml.fit`.
+      subsets: one array of training-example indices per member, in the members'
+        order (a `configs` list's, or the grid's): member `k` trains on
+        `x[subsets[k]], y[subsets[k]]` exactly as `fml.fit` would on those examples
+        alone (its batches, its l2 default), e.g. the folds of a cross-validation.
+        Members whose subsets need fewer steps per epoch idle (unchanged) in the
+        others' last steps.
       **optimizer_hyperparams: lists of values of the optimizer's own
         hyperparameters to sweep, e.g. `weight_decay=[1e-4, 1e-2]` with "adamw",
         `b1=[0.8, 0.9]`.
@@ -525,8 +541,11 @@ def sweep(
         model, axes, configs, optimizer, clip_norm=clip_norm, **(optimizer_kwargs or {})
     )
     check_arrays(x, y, task=task, where="training data")
-    n = x.shape[0]
-    l2_values = [_member_l2(model, c, n) for c in members]
+    subsets = _check_subsets(subsets, len(members), x.shape[0])
+    for subset in subsets or ():
+        batching.check_batching(len(subset), batch_size, drop_remainder)
+    sizes = [x.shape[0]] * len(members) if subsets is None else [len(s) for s in subsets]
+    l2_values = [_member_l2(model, c, n) for c, n in zip(members, sizes)]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
     expected = inputs.check_targets(
         model, _take(state.params, 0), x, y, objective, "training data"
@@ -550,6 +569,7 @@ def sweep(
         batch_size=batch_size,
         fused=fused,
         drop_remainder=drop_remainder,
+        subsets=subsets,
     )
     table = _table(members, history, _split_scores(model, objective, metric, state, splits), metric)
     selected_on = f"val_{metric}" if "val" in splits else "train_loss"
@@ -587,9 +607,24 @@ def _optimizer_and_members(model, axes: dict, configs, optimizer, **optimizer_kw
     return tx, _complete(members, model, tx)
 
 
-def _train(train_step, state, x, y, seeds, *, epochs, batch_size, fused, drop_remainder):
+def _train(
+    train_step, state, x, y, seeds, *, epochs, batch_size, fused, drop_remainder, subsets=None
+):
     """Runs the vmapped step (or fused epoch) for `epochs`; returns the state, the
     per-epoch `[epochs, K]` train metrics and the jitted function."""
+    if subsets is not None:
+        return _train_subsets(
+            train_step,
+            state,
+            x,
+            y,
+            seeds,
+            subsets,
+            epochs=epochs,
+            batch_size=batch_size,
+            fused=fused,
+            drop_remainder=drop_remainder,
+        )
     shared = len(set(seeds)) == 1  # one shuffle for all: the batch is not mapped
     key_axis = None if shared else 0
     if fused:
@@ -612,6 +647,103 @@ def _train(train_step, state, x, y, seeds, *, epochs, batch_size, fused, drop_re
             history.setdefault(f"train_{k}", []).append(v)
     history = {k: np.stack(v) for k, v in history.items()}
     return state, history, run
+
+
+def _check_subsets(subsets, members: int, num_examples: int) -> list[np.ndarray] | None:
+    """The members' training-example indices as int32 arrays, checked."""
+    if subsets is None:
+        return None
+    subsets = [np.asarray(s) for s in subsets]
+    if len(subsets) != members:
+        raise ConfigError(f"expected one subset per member ({members}), got {len(subsets)}")
+    for k, s in enumerate(subsets):
+        if s.ndim != 1 or s.size == 0 or not np.issubdtype(s.dtype, np.integer):
+            raise ConfigError(
+                f"expected subset {k} to be a non-empty 1-D array of example indices, got "
+                f"shape {s.shape} and dtype {s.dtype}"
+            )
+        if s.min() < 0 or s.max() >= num_examples:
+            raise ConfigError(
+                f"subset {k} indexes examples [{s.min()}, {s.max()}] of {num_examples}"
+            )
+    return [s.astype(np.int32) for s in subsets]
+
+
+def _subset_epoch_indices(seeds, subsets, epoch: int, batch_size: int, drop_remainder, fused):
+    """Each member's epoch over its own subset, as `fit` draws it (`fml.batching`;
+    fused, a subset of at most `batch_size` examples is one batch in order): global
+    example indices and mask `[S, K, B]`, a member's shorter batches (a subset
+    smaller than `batch_size`) padded with mask-0 columns and its missing steps with
+    mask-0 steps. One shuffle program per distinct subset size."""
+    by_size: dict = {}
+    for k, subset in enumerate(subsets):
+        by_size.setdefault(len(subset), []).append(k)
+    parts = {}
+    for n, members in by_size.items():
+        if fused and n <= batch_size:
+            local = np.broadcast_to(np.arange(n), (1, len(members), n))
+            mask = np.ones(local.shape, np.float32)
+        else:
+            keys = _shuffle_keys(np.asarray([seeds[k] for k in members], np.int32), epoch)
+            local, mask = jax.device_get(_member_epoch_indices(keys, n, batch_size, drop_remainder))
+        stacked = np.stack([subsets[k] for k in members])  # [Kn, n]
+        index = stacked[np.arange(len(members))[None, :, None], local]
+        columns = ((0, 0), (0, 0), (0, batch_size - index.shape[2]))
+        parts[n] = (np.pad(index, columns), np.pad(mask, columns), members)
+    steps = max(index.shape[0] for index, _, _ in parts.values())
+    index = np.zeros((steps, len(subsets), batch_size), np.int32)
+    mask = np.zeros((steps, len(subsets), batch_size), np.float32)
+    for part_index, part_mask, members in parts.values():
+        index[: part_index.shape[0], members] = part_index
+        mask[: part_mask.shape[0], members] = part_mask
+    return index, mask
+
+
+def _idle_if_empty(train_step):
+    """`train_step` that leaves the state as it was on a batch with no real example
+    (a member's padding steps), where an optimizer would still move."""
+
+    def step(state, batch):
+        new, metrics = train_step(state, batch)
+        active = jnp.any(batch["mask"] > 0)
+
+        def keep(a, b):
+            return a if _is_key(a) else jnp.where(active, a, b)
+
+        return jax.tree.map(keep, new, state), metrics
+
+    return step
+
+
+def _train_subsets(
+    train_step, state, x, y, seeds, subsets, *, epochs, batch_size, fused, drop_remainder
+):
+    """`_train` where member `k` trains on the examples `subsets[k]` (batches per member)."""
+    counts = {batching.steps_per_epoch(len(s), batch_size, drop_remainder) for s in subsets}
+    step = _idle_if_empty(train_step) if len(counts) > 1 else train_step  # else none idles
+    if fused:
+        steps = step_lib.make_steps(step)
+        run = jax.jit(jax.vmap(steps, in_axes=(0, None, None, 1, 1)), donate_argnums=0)
+        x_dev, y_dev = jax.device_put(x), jax.device_put(y)
+    else:
+        run = jax.jit(jax.vmap(step), donate_argnums=0)
+    history: dict = {}
+    for epoch in range(epochs):
+        index, mask = _subset_epoch_indices(
+            seeds, subsets, epoch, batch_size, drop_remainder, fused
+        )
+        if fused:
+            state, step_metrics = run(state, x_dev, y_dev, index, mask)
+        else:
+            per_step = []
+            for index_KxB, mask_KxB in zip(index, mask):
+                batch = {"x": x[index_KxB], "y": y[index_KxB], "mask": mask_KxB}
+                state, metrics = run(state, batch)
+                per_step.append(metrics)
+            step_metrics = jax.tree.map(lambda *v: np.stack(v, axis=1), *per_step)
+        for k, v in _member_means(jax.device_get(step_metrics)).items():
+            history.setdefault(f"train_{k}", []).append(v)
+    return state, {k: np.stack(v) for k, v in history.items()}, run
 
 
 def _member_l2(model: Model, config: dict, num_train: int) -> float:

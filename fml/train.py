@@ -24,7 +24,7 @@ from fml import parallel as parallel_lib
 from fml._model import Model
 from fml.batching import epoch_indices
 from fml.data import check_arrays
-from fml.errors import ConfigError, in_range
+from fml.errors import CheckpointError, ConfigError, in_range
 from fml.inference import evaluate, predict
 from fml.runners import FullBatchRunner, FusedRunner, HostRunner, epoch_segments
 from fml.step import (
@@ -63,11 +63,14 @@ _COMPILED: dict = {}
 _MAX_COMPILED = 32
 
 
-def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_remainder, shuffle):
-    """The jitted programs of one runner kind ("step", "fused", "full_batch"), reused
-    when the same model object is fitted again with the same settings, so a second
-    `fit` does not compile again (a float learning rate is state, not a constant)."""
-    loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs = settings
+def _programs(
+    model: Model, settings: tuple, kind: str, *, batch_size, drop_remainder, shuffle, dp=None
+):
+    """The jitted programs of one runner kind ("step", "fused", "full_batch"), on one
+    device or per replica over `dp`'s mesh, reused when the same model object is
+    fitted again with the same settings, so a second `fit` does not compile again (a
+    float learning rate is state, not a constant)."""
+    loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs, penalize = settings
     key = (
         model.init,
         model.apply,
@@ -77,10 +80,12 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
         learning_rate if callable(learning_rate) else None,
         clip_norm,
         tuple(sorted((optimizer_kwargs or {}).items())),
+        penalize,
         kind,
         batch_size,
         drop_remainder,
         shuffle,
+        dp,
     )
     try:
         programs = _COMPILED.get(key)
@@ -91,8 +96,17 @@ def _programs(model: Model, settings: tuple, kind: str, *, batch_size, drop_rema
             optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
         )
         objective = make_objective(model, loss, task)
-        train_step = make_train_step(model, objective, tx)
-        if kind == "full_batch":
+        axis = parallel_lib.AXIS if dp is not None else None
+        train_step = make_train_step(model, objective, tx, axis_name=axis, penalize=penalize)
+        if dp is not None:
+            programs = dp.programs(
+                train_step,
+                fused=kind == "fused",
+                batch_size=batch_size,
+                drop_remainder=drop_remainder,
+                shuffle=shuffle,
+            )
+        elif kind == "full_batch":
             iterations = make_full_batch_iterations(model, objective, tx, train_step)
             programs = (jax.jit(iterations, static_argnames="capacity", donate_argnums=0),)
         elif kind == "fused":
@@ -146,11 +160,20 @@ def _runner(model, objective, tx, settings, splits: inputs.Splits, plan: Plan, d
         return FullBatchRunner(iterations, jax.device_put(x), jax.device_put(y), plan.tol)
     order = {"seed": plan.seed, "drop_remainder": plan.drop_remainder, "shuffle": plan.shuffle}
     if dp is not None:
-        train_step = make_train_step(model, objective, tx, axis_name=parallel_lib.AXIS)
+        kind = "fused" if plan.fused else "step"
+        programs = _programs(
+            model,
+            settings,
+            kind,
+            batch_size=plan.batch_size,
+            drop_remainder=plan.drop_remainder,
+            shuffle=plan.shuffle,
+            dp=dp,
+        )
         if plan.fused:
-            return dp.fused_runner(train_step, x, y, batch_size=plan.batch_size, **order)
+            return dp.fused_runner(programs, x, y, batch_size=plan.batch_size, **order)
         stream = stream or dp.array_stream(x, y, batch_size=plan.batch_size, **order)
-        return dp.host_runner(train_step, stream)
+        return dp.host_runner(programs, stream)
     if plan.fused:
         run_epoch, run_steps = _programs(
             model,
@@ -204,7 +227,13 @@ def _restore(loop, callbacks) -> None:
             named = callbacks_lib.callback_names(callbacks)
             for name, state in restored["callbacks"].items():
                 if name in named:
-                    named[name].load_state_dict(state)
+                    try:
+                        named[name].load_state_dict(state)
+                    except (KeyError, TypeError, ValueError, AttributeError) as e:
+                        raise CheckpointError(
+                            f"the saved state of callback {name} does not fit it: "
+                            f"{type(e).__name__}: {e}"
+                        ) from e
             saved = restored["loop"].get("epoch_metrics") or {}
             loop.epoch_metrics = {k: np.asarray(v, np.float32) for k, v in saved.items()}
             loop.stop = bool(restored.get("stopped"))
@@ -430,7 +459,7 @@ def fit(
     dp = None
     if parallel is not None or jax.process_count() > 1:
         dp = parallel_lib.data_parallel(parallel or "shard_map", devices)
-    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs)
+    settings = (loss, task, optimizer, learning_rate, clip_norm, optimizer_kwargs, l2 > 0)
     runner = _runner(model, objective, tx, settings, splits, plan, dp)
     checkpoint_cb = None
     if checkpoint_dir is not None:

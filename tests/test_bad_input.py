@@ -1,32 +1,37 @@
-"""The bad-input table of README.md ("## Bad input and what it gets"), one test per
+"""The bad-input table of docs/bad-input.md ("## Bad input and what it gets"), one test per
 row: each bad input gets a typed fml error with a clear message, and nothing
 already saved is lost."""
 
 import json
+import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 from typing import NamedTuple
 
 import jax
 import numpy as np
 import optax
 import pytest
+from _faults import file_size_limit
 
 import fml
 import fml.cli
-from fml import checkpoint, rundir
+from fml import checkpoint, experiment, rundir
 from fml.errors import (
     CheckpointError,
     ConfigError,
     DataError,
     DTypeError,
+    ExportError,
     ShapeError,
     UnknownNameError,
 )
 from fml.models import cnn, conv, dense
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(20, 4)).astype(np.float32)
 Y = RNG.integers(0, 3, 20).astype(np.int32)
@@ -195,6 +200,14 @@ def _(ctx):
     model.init(jax.random.key(0), (2, 1))
 
 
+@row("apply-empty-batch", ShapeError, "dense layer expected 32 input features, got 16")
+def _(ctx):
+    model = cnn([conv(4, 3), dense(3)])
+    params = model.init(jax.random.key(0), (8, 1))
+    assert model.apply(params, np.zeros((0, 8, 1), np.float32)).shape == (0, 3)  # empty output
+    model.apply(params, np.zeros((0, 4, 1), np.float32))  # shapes are still checked
+
+
 # ------------------------------------------------------------------ unknown names
 
 
@@ -231,13 +244,30 @@ def _(ctx):
 # ------------------------------------------------------------------ checkpoints and run directories
 
 
+def _resume(ctx, model, data, *, epochs=2, batch_size=8):
+    """Resumes the run in `ctx.run_dir` with `model` on `data`."""
+    return fml.fit(
+        model,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        quiet=True,
+        checkpoint_dir=ctx.run_dir,
+        resume=True,
+    )
+
+
 def _meta_file(ctx) -> pathlib.Path:
     return ctx.run_dir / "checkpoints" / "8" / "meta" / "metadata"
 
 
-def _edit_meta(ctx, edit):
+def _edit_meta(ctx, edit, *, resign=True):
+    """Edits checkpoint 8's metadata; `resign` recomputes its SHA-256, as a deliberate
+    forger would (so the checks behind the checksum are reached)."""
     meta = json.loads(_meta_file(ctx).read_text())
     edit(meta)
+    if resign:
+        meta["sha256"] = checkpoint.meta_sha256(meta)
     _meta_file(ctx).write_text(json.dumps(meta))
 
 
@@ -289,44 +319,40 @@ def _(ctx):
 
 @row("checkpoint-arrays-fail-checksum", CheckpointError, "its arrays do not match their SHA-256")
 def _(ctx):
-    _edit_meta(ctx, lambda m: m.update(sha256="0" * 64))
+    _edit_meta(ctx, lambda m: m.update(arrays_sha256="0" * 64))
     checkpoint.restore(ctx.run_dir)
+
+
+@row(
+    "checkpoint-metadata-edited",
+    CheckpointError,
+    "checkpoint step 8 .* its metadata does not match its SHA-256",
+)
+def _(ctx):
+    _edit_meta(ctx, lambda m: m["history"].update(train_loss=[0.0, 0.0]), resign=False)
+    checkpoint.restore(ctx.run_dir)
+
+
+@row(
+    "checkpoint-metadata-wrong-types",
+    CheckpointError,
+    "metadata entry 'best' should be null or",
+)
+def _(ctx):
+    _edit_meta(ctx, lambda m: m.update(best={"loss": "low", "epoch": 1}))
+    _resume(ctx, ctx.model, ctx.data, epochs=3)
 
 
 @row("checkpoint-of-another-model", CheckpointError, "holds checkpoints of a different model")
 def _(ctx):
-    fml.fit(
-        fml.models.mlp([5, 3]),
-        ctx.data,
-        epochs=2,
-        batch_size=8,
-        quiet=True,
-        checkpoint_dir=ctx.run_dir,
-        resume=True,
-    )
+    _resume(ctx, fml.models.mlp([5, 3]), ctx.data)
 
 
 @row("resume-with-other-data-or-settings", CheckpointError, r"cannot resume .*batch_size: 8 -> 4")
 def _(ctx):
     with pytest.raises(CheckpointError, match="num_examples: 30 -> 29; data_sha256"):
-        fml.fit(
-            ctx.model,
-            (ctx.data[0][:29], ctx.data[1][:29]),
-            epochs=2,
-            batch_size=8,
-            quiet=True,
-            checkpoint_dir=ctx.run_dir,
-            resume=True,
-        )
-    fml.fit(
-        ctx.model,
-        ctx.data,
-        epochs=2,
-        batch_size=4,
-        quiet=True,
-        checkpoint_dir=ctx.run_dir,
-        resume=True,
-    )
+        _resume(ctx, ctx.model, (ctx.data[0][:29], ctx.data[1][:29]))
+    _resume(ctx, ctx.model, ctx.data, batch_size=4)
 
 
 @row("no-such-checkpoint", CheckpointError, r"no checkpoint step 99 .*have \[6, 8\]")
@@ -378,6 +404,91 @@ def _(ctx):
 def _(ctx):
     (ctx.run_dir / "spec.json").write_text(json.dumps({**ctx.model.spec, "widths": [9, 3]}))
     rundir.load_run(ctx.run_dir)
+
+
+@row("run-directory-files-malformed", CheckpointError, r"spec.json: unknown model family \['mlp'\]")
+def _(ctx):
+    spec, config = ctx.run_dir / "spec.json", ctx.run_dir / "config.json"
+    for path, content, match in [
+        (spec, b'{"family": "\xff"}', "spec.json is not valid JSON: UnicodeDecodeError"),
+        (config, b"[" * 100_000 + b"]" * 100_000, "config.json is not valid JSON: RecursionError"),
+        (config, b'[{"input_shape": [4]}]', "config.json: expected a JSON object, got list"),
+    ]:
+        good = path.read_bytes()
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=match):
+            rundir.load_run(ctx.run_dir)
+        path.write_bytes(good)
+    spec.write_text(json.dumps({**ctx.model.spec, "family": ["mlp"]}))
+    rundir.load_run(ctx.run_dir)
+
+
+@row(
+    "run-directory-params-not-real-numbers", CheckpointError, r"\.npy has dtype complex64; expected"
+)
+def _(ctx):
+    params = rundir.load_params(ctx.run_dir / "params.npz")
+    rundir.save_params(ctx.run_dir / "params.npz", jax.tree.map(lambda a: a + 0j, params))
+    rundir.load_run(ctx.run_dir)
+
+
+@row("run-directory-params-declare-huge-arrays", CheckpointError, r"dense_0/w: expected \(\(4, 8\)")
+def _(ctx):
+    params = rundir.load_params(ctx.run_dir / "params.npz")
+    params["dense_0"]["w"] = np.broadcast_to(np.float32(0), (10_000, 8))  # 320 KB; a bomb: GBs
+    rundir.save_params(ctx.run_dir / "params.npz", params)
+    rundir.load_run(ctx.run_dir)  # refused from the headers, before any array is read
+
+
+@row("eval-of-a-run-without-dataset", CheckpointError, "expected a 'dataset' name, got None")
+def _(ctx):
+    experiment.evaluate_run(ctx.run_dir)
+
+
+@row("state-dict-float8", CheckpointError, "'dense_0.weight': expected a float tensor")
+def _(ctx):
+    torch = pytest.importorskip("torch")
+    from fml.export import torch as fml_torch
+
+    state = fml_torch.to_state_dict(ctx.model, ctx.params_at_6, (4,))
+    state["dense_0.weight"] = state["dense_0.weight"].to(torch.float8_e4m3fn)
+    fml_torch.from_state_dict(ctx.model, state, (4,))
+
+
+@row("second-writer-of-a-run-directory", CheckpointError, r"another process \(pid \d+ on host")
+def _(ctx):
+    code = f"from fml.lock import run_lock; import time\nwith run_lock({str(ctx.run_dir)!r}):\n"
+    code += "    print('locked', flush=True); time.sleep(60)\n"
+    env = {**os.environ, "PYTHONPATH": str(README.parent)}
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        rundir.save_run(ctx.run_dir, model=ctx.model, params=ctx.params_at_6, config={})
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@row(
+    "disk-full-writing-a-run-directory",
+    CheckpointError,
+    "could not write .*No space left|too large",
+)
+def _(ctx):
+    params = fml.models.mlp([512, 3]).init(jax.random.key(0), (4,))
+    with file_size_limit(4096):
+        rundir.save_params(ctx.run_dir / "params.npz", params)
+
+
+@row("disk-full-writing-an-export", ExportError, "could not write the safetensors export")
+def _(ctx):
+    pytest.importorskip("torch")
+    from fml.export import export
+
+    model = fml.models.mlp([512, 3])
+    params = model.init(jax.random.key(0), (4,))
+    with file_size_limit(4096):
+        export(model, params, ctx.run_dir / "m.safetensors", to="safetensors", input_shape=(4,))
 
 
 # ------------------------------------------------------------------ command line

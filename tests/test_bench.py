@@ -6,8 +6,8 @@ import argparse
 import numpy as np
 import pytest
 
-from fml import bench, cli
-from fml.bench import _jax_peers, _workloads
+import benchmarks as bench
+from benchmarks import _jax_peers, _workloads
 from fml.errors import UnknownNameError
 
 
@@ -42,8 +42,12 @@ def test_quick_run_structure():
     assert "- mlp: fml" in markdown and "PyTorch eager = " in markdown
 
 
-def test_bench_is_a_cli_command_and_checks_names():
-    args = cli.build_parser().parse_args(["bench", "--models", "resnet"])
+def test_bench_checks_names():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--models", "resnet"])
+    assert args.quick is False and args.repeats == 7
     with pytest.raises(UnknownNameError, match="resnet"):
-        args.run(args)
-    assert isinstance(args, argparse.Namespace) and args.quick is False
+        bench.main(args)
+    args = parser.parse_args(["--quick", "--repeats", "5", "--models", "mlp"])
+    assert (args.quick, args.repeats, args.models) == (True, 5, "mlp")

@@ -7,7 +7,10 @@ import pytest
 
 from fml import cli, rundir
 
-LAYOUT = {"config.json", "spec.json", "params.npz", "history.json", "history.csv", "curves.png"}
+LAYOUT = {
+    "config.json", "spec.json", "preprocessing.json", "params.npz", "history.json",
+    "history.csv", "curves.png",
+}  # fmt: skip
 
 
 def _train(tmp_path, *args):
@@ -79,13 +82,25 @@ def test_train_overrides_reach_the_config(tmp_path):
     assert len(history["val_accuracy"]) == 2
 
 
-def test_unavailable_dataset_falls_back_and_says_so(tmp_path, capsys):
-    run = _train(tmp_path, "mlp", "--dataset", "mnist", "--epochs", "1")
+def test_unavailable_dataset_is_an_error_that_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # nothing prepared there
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "mlp", "--dataset", "mnist", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "tfds build mnist" in err and "--fallback digits" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+def test_fallback_only_when_asked_and_named_in_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "mlp", "--dataset", "mnist", "--fallback", "digits", "--epochs", "1"]
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert "using embedded 'digits' instead" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name == "mlp-digits-for-mnist-seed0"
     config = json.loads((run / "config.json").read_text())
-    assert config["dataset_requested"] == "mnist"
-    if config["dataset"] != "mnist":
-        assert config["dataset"] == "digits"
-        assert "using embedded 'digits' instead" in capsys.readouterr().out
+    assert (config["dataset"], config["dataset_requested"]) == ("digits", "mnist")
 
 
 def test_eval_errors_are_clear(tmp_path, capsys):

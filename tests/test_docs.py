@@ -4,10 +4,11 @@ import doctest
 
 import pytest
 
+from fml import preprocessing
 from fml.models import _cnn, _linear, _mlp, _rnn
 
 
-@pytest.mark.parametrize("module", [_linear, _mlp, _cnn, _rnn])
+@pytest.mark.parametrize("module", [_linear, _mlp, _cnn, _rnn, preprocessing])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -191,11 +191,11 @@ def test_every_fml_error_is_also_a_builtin():
 
 
 def test_cli_reports_fml_errors_without_a_traceback(capsys, monkeypatch):
-    from fml import report
+    from fml import experiment
 
-    def broken_main_job(**kwargs):
+    def broken_evaluate_run(*args, **kwargs):
         raise DataError("expected at least one example, got 0")
 
-    monkeypatch.setattr(report, "main_job", broken_main_job)
-    assert main(["main"]) == 2
+    monkeypatch.setattr(experiment, "evaluate_run", broken_evaluate_run)
+    assert main(["eval", "runs/none"]) == 2
     assert "fml: error: expected at least one example" in capsys.readouterr().err

@@ -6,7 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from fml import experiment, parity, report, seed_examples
+from experiments import mnist1d as report
+from experiments import seed_examples, tables
+from experiments import sklearn_parity as parity
+from fml import experiment
 from fml.errors import ConfigError, UnknownNameError
 
 # ------------------------------------------------------------------ seed examples
@@ -98,7 +101,7 @@ def test_mnist1d_table_markdown(mnist1d_rows):
     cnn = [line for line in lines if line.startswith("| cnn ")][0]
     mean = 100 * rows[[r.label for r in rows].index("cnn")].accuracies[0]
     assert f"{mean:.1f} ± 0.0" in cnn and "| 94 |" in cnn
-    path = experiment.save_table(table, out)
+    path = tables.save_table(table, out)
     assert path.read_text().startswith("Device: CPU")
 
 

@@ -157,3 +157,59 @@ def test_verified_export_replaces_only_on_success(tmp_path, monkeypatch):
         export(model, params, path, to="savedmodel", input_shape=input_shape)
     assert sorted(p.name for p in path.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:tensorflow.lite.python.interpreter")
+@pytest.mark.parametrize("name", ["cnn2d_same_pools", "cnn1d_valid_max", "cnn2d_valid_max"])
+def test_pooling_cnn_saved_model_converts_to_tflite(name, tmp_path):
+    """A pooling CNN's SavedModel (every platform's branch in it) converts to TFLite —
+    its pools are slices and `reduce_window`s, no dynamic gather — and the TFLite
+    interpreter reproduces fml's forward pass, at two batch sizes."""
+    import tensorflow as tf
+
+    _, model, input_shape = CASES[IDS.index(name)]
+    params = random_params(model, input_shape)
+    write_saved_model(model, params, input_shape, tmp_path / name)
+    flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / name)).convert()
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    (entry,) = interpreter.get_input_details()
+    for batch in (5, 2):
+        x = probe(input_shape, batch)
+        interpreter.resize_tensor_input(entry["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(entry["index"], x)
+        interpreter.invoke()
+        got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        diff = max_diff(got, fml_forward(model, params, x))
+        print(f"tflite {name} batch {batch}: max abs diff {diff:.2e}")
+        assert diff <= TOLERANCE
+
+
+def _serialised_platforms(path) -> set:
+    """The platforms of every `XlaCallModule` op in a SavedModel's serving graph."""
+    import tensorflow as tf
+
+    graph = tf.saved_model.load(str(path)).signatures["serving_default"].graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    calls = [n for n in nodes if n.op == "XlaCallModule"]
+    assert calls, "no XlaCallModule in the SavedModel"
+    return {tuple(p.decode() for p in n.attr["platforms"].list.s) for n in calls}
+
+
+def test_saved_model_platforms_default_and_cli_flag(tmp_path, capsys):
+    """By default a SavedModel holds programs for CPU, CUDA and TPU; `fml export
+    --platforms cpu` writes only CPU's; `--platforms` with another target is refused."""
+    from test_export_torch import _write_run
+
+    from fml import cli
+
+    run_dir, _ = _write_run(tmp_path, "cnn2d_same_pools")
+    assert cli.main(["export", str(run_dir), "--to", "savedmodel"]) == 0
+    assert _serialised_platforms(run_dir / "export" / "saved_model") == {("CPU", "CUDA", "TPU")}
+    out = tmp_path / "cpu_only"
+    argv = ["export", str(run_dir), "--to", "savedmodel", "--out", str(out), "--platforms", "cpu"]
+    assert cli.main(argv) == 0
+    assert _serialised_platforms(out) == {("CPU",)}
+    capsys.readouterr()
+    assert cli.main(["export", str(run_dir), "--to", "torch", "--platforms", "cpu"]) == 2
+    assert "--platforms is for --to savedmodel" in capsys.readouterr().err

@@ -54,16 +54,20 @@ def test_conv_matches_torch(spatial, kernel, stride, padding, torch_padding):
     np.testing.assert_allclose(got, _channels_last(want), atol=1e-5)
 
 
-@pytest.mark.parametrize("in_channels", [1, 8])  # both weight-gradient paths
+@pytest.mark.parametrize("platform", layers.PLATFORM_PATHS)  # im2col (CPU), native
+@pytest.mark.parametrize("in_channels", [1, 8])  # both im2col weight-gradient paths
 @pytest.mark.parametrize("spatial,kernel,stride,padding,torch_padding", CONV_CASES)
-def test_conv_gradients_match_torch(in_channels, spatial, kernel, stride, padding, torch_padding):
+def test_conv_gradients_match_torch(
+    platform, in_channels, spatial, kernel, stride, padding, torch_padding
+):
     params = layers.conv_init(jax.random.key(1), in_channels, 4, kernel)
     x = RNG.normal(size=(2, *spatial, in_channels)).astype(np.float32)
     out = layers.conv(params, x, stride=stride, padding=padding)
     cotangent = RNG.normal(size=out.shape).astype(np.float32)
 
     def loss(params, x):
-        return jnp.sum(layers.conv(params, x, stride=stride, padding=padding) * cotangent)
+        y = layers.conv(params, x, stride=stride, padding=padding, platform=platform)
+        return jnp.sum(y * cotangent)
 
     grads, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
     w = torch.tensor(np.asarray(params["w"]))
@@ -92,16 +96,17 @@ def test_strided_same_pads_high_like_jax():
     assert got.shape == (1, 4, 4, 3)
 
 
+@pytest.mark.parametrize("platform", [None, *layers.PLATFORM_PATHS])
 @pytest.mark.parametrize("window,stride", [(2, None), (3, 2), (2, 1)])
 @pytest.mark.parametrize("dims", [1, 2])
-def test_max_and_avg_pool_match_torch(window, stride, dims):
+def test_max_and_avg_pool_match_torch(window, stride, dims, platform):
     x = RNG.normal(size=(2, *(11,) * dims, 3)).astype(np.float32)
     ref_stride = stride or window
     for fml_pool, torch_pool in [
         (layers.max_pool, F.max_pool1d if dims == 1 else F.max_pool2d),
         (layers.avg_pool, F.avg_pool1d if dims == 1 else F.avg_pool2d),
     ]:
-        got = fml_pool(x, window, stride)
+        got = fml_pool(x, window, stride, platform=platform)
         want = torch_pool(_torch(x), window, ref_stride)
         np.testing.assert_allclose(got, _channels_last(want), atol=1e-6)
 
@@ -112,12 +117,38 @@ def test_same_pooling_ignores_padding():
     np.testing.assert_allclose(layers.max_pool(-x, 2, padding="SAME")[0, :, 0], [0.0, -2.0, -4.0])
 
 
-def test_max_pool_gradient_matches_torch():
-    x = RNG.normal(size=(2, 6, 6, 3)).astype(np.float32)
-    grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2) ** 2))(x)
+@pytest.mark.parametrize("platform", layers.PLATFORM_PATHS)
+def test_pool_gradients_match_torch(platform):
+    x = RNG.normal(size=(2, 7, 7, 3)).astype(np.float32)
     xt = _torch(x).clone().requires_grad_(True)
-    (F.max_pool2d(xt, 2) ** 2).sum().backward()
-    np.testing.assert_allclose(grad, _channels_last(xt.grad), atol=1e-5)
+    for fml_pool, torch_pool in [(layers.max_pool, F.max_pool2d), (layers.avg_pool, F.avg_pool2d)]:
+        grad = jax.grad(lambda x, pool=fml_pool: jnp.sum(pool(x, 3, 2, platform=platform) ** 2))(x)
+        xt.grad = None
+        (torch_pool(xt, 3, 2) ** 2).sum().backward()
+        np.testing.assert_allclose(grad, _channels_last(xt.grad), atol=1e-5)
+
+
+def test_cpu_lowering_takes_the_cpu_path_and_paths_agree():
+    """On CPU the dispatching conv + pool is bit-identical to the forced CPU path, and
+    the native path's gradients agree with it to float32 rounding."""
+    params = layers.conv_init(jax.random.key(3), 3, 8, (3, 3))
+    x = RNG.normal(size=(4, 10, 10, 3)).astype(np.float32)
+
+    def loss(params, x, platform):
+        y = layers.conv(params, x, padding=1, platform=platform)
+        y = layers.avg_pool(layers.max_pool(y, 2, platform=platform), 2, platform=platform)
+        return jnp.sum(jnp.sin(y))
+
+    grads = {
+        p: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, p)
+        for p in (None, *layers.PLATFORM_PATHS)
+    }
+    for got, want in zip(jax.tree.leaves(grads[None]), jax.tree.leaves(grads["cpu"])):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(jax.tree.leaves(grads["native"]), jax.tree.leaves(grads["cpu"])):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnknownNameError, match="platform path"):
+        layers.max_pool(x, 2, platform="gpu")
 
 
 def test_dropout_rate_is_drop_probability():

@@ -26,6 +26,7 @@ import pytest
 
 import fml
 from fml.errors import ConfigError
+from fml.rundir import flatten_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -248,3 +249,48 @@ def test_a_callable_loss_on_float_targets_is_regression():
         np.asarray(state.params["dense"]["w"])[:, 0], [1.0, -2.0, 0.5], atol=1e-3
     )
     assert "train_accuracy" not in history
+
+
+def _launch_two(config: dict, tmp_path, name: str) -> list:
+    """Runs the job in two processes x 4 CPU devices joined on 127.0.0.1."""
+    from test_multihost import free_port
+
+    port, procs = free_port(), []
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    for pid in range(2):
+        path = tmp_path / f"{name}{pid}.json"
+        path.write_text(json.dumps({**config, "processes": 2, "process_id": pid, "port": port}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "_loop_job.py"), str(path)],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        )
+    try:
+        return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            p.stderr.close()
+
+
+def test_two_processes_streaming_their_shards_killed_and_resumed(paths, tmp_path):
+    """Two processes x 4 devices, each reading its columns of every global batch from
+    the memory-mapped files, checkpointing one run directory: killed at a step (both),
+    resumed, they end where one process with 8 devices does."""
+    config = {"source": "memmap", "parallel": "shard_map", "fused": False, "paths": paths}
+    run = {"run_dir": str(tmp_path / "run"), "out": str(tmp_path / "params.npz")}
+    killed = _launch_two({**config, **run, "kill_at": 5}, tmp_path, "killed")
+    assert [code for code, _ in killed] == [-9, -9], [err[-2000:] for _, err in killed]
+    assert fml.checkpoint.latest_step(run["run_dir"]) == 4
+    resumed = _launch_two({**config, **run}, tmp_path, "resumed")
+    assert [code for code, _ in resumed] == [0, 0], [err[-2000:] for _, err in resumed]
+    one_process, _ = job.fit(config)
+    got = dict(np.load(run["out"]))
+    want = flatten_params(jax.device_get(one_process.params))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=TOLERANCE, rtol=0)

@@ -62,11 +62,16 @@ def launch(local_devices, out_dir, *, num_processes=None, timeout_s=30, deadline
             (p.wait(timeout=max(1.0, deadline - time.monotonic())), p.stderr.read()) for p in procs
         ]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.stderr.close()
+        reap(procs)
+
+
+def reap(procs) -> None:
+    """Kills every process of `procs` still running and closes their pipes."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stderr.close()
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +121,53 @@ def test_failures_to_join_are_clear_and_bounded(tmp_path):
     assert lonely.returncode != 0
     assert "process 0 of 2 waited 2 s for all 2 processes to join the coordinator" in lonely_err
     assert time.monotonic() - started < 120
+
+
+FAULTS = ROOT / "tests" / "_multihost_faults.py"
+
+
+def launch_faults(told, mode, *, deadline_s=90):
+    """Process `i` is told `told[i]` processes; returns `[(returncode, stderr, seconds)]`."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(FAULTS), str(port), str(n), str(pid), mode],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for pid, n in enumerate(told)
+    ]
+    results = []
+    try:
+        for p in procs:
+            code = p.wait(timeout=max(1.0, started + deadline_s - time.monotonic()))
+            results.append((code, p.stderr.read(), time.monotonic() - started))
+    finally:
+        reap(procs)
+    return results
+
+
+def test_processes_told_different_process_counts_both_refuse():
+    # Process 0 is told 2 processes, process 1 is told 3: before, both trained to exit 0.
+    (code0, err0, _), (code1, err1, seconds) = launch_faults([2, 3], "join")
+    assert code0 == code1 == 3, (err0[-2000:], err1[-2000:])
+    assert "process 0 of 2: processes disagree on the run's shape" in err0
+    assert "process 1 has {'num_processes': 3, 'devices': 2}" in err0
+    assert "process 1 of 3: processes disagree" in err1
+    assert seconds < 60
+
+
+def test_a_dead_peer_ends_the_survivor_within_the_heartbeat_timeout():
+    # Process 1 dies right after joining; process 0 is in training. Before: JAX's
+    # default 100 s heartbeat timeout. Here 5 s: JAX's coordinator ends process 0
+    # (from C++: a non-zero exit, not a Python exception) within seconds.
+    (code0, err0, seconds), (code1, _, _) = launch_faults([2, 2], "die")
+    assert code1 == 0
+    assert code0 != 0 and "stopped sending heartbeats" in err0, err0[-2000:]
+    assert seconds < 60

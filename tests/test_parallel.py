@@ -8,7 +8,8 @@ import pytest
 from parallel_cases import data, families, train
 
 import fml
-from fml import parallel, scaling
+from experiments import scaling
+from fml import parallel
 from fml.errors import ConfigError, DistributedError, UnknownNameError
 
 TOLERANCE = 1e-5
@@ -215,3 +216,23 @@ def test_data_parallel_report_times_the_same_work():
         assert row["loss_difference"] <= TOLERANCE
         assert row["overhead"] == pytest.approx(row["parallel_seconds"] / row["single_seconds"] - 1)
     assert "| 8 | 24 |" in scaling.markdown(report)
+
+
+@pytest.mark.parametrize("launcher", ["shard_map", "pmap"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_second_parallel_fit_compiles_nothing(launcher, fused):
+    """The per-replica programs are reused across `fit` calls of the same model (a new
+    learning rate is state, not a constant)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype(np.float32), rng.integers(0, 3, 40).astype(np.int32)
+    model = fml.models.mlp([8, 3])
+    kwargs = dict(epochs=1, batch_size=16, parallel=launcher, fused=fused, quiet=True)
+    fml.fit(model, (x, y), learning_rate=1e-2, **kwargs)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration"
+        else None
+    )
+    state, _ = fml.fit(model, (x, y), learning_rate=3e-2, **kwargs)
+    assert compiles == [] and int(state.step) == 3

@@ -278,3 +278,37 @@ def test_docstring_examples():
 
     result = doctest.testmod(sys.modules["fml.sweep"], optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host", "fused"])
+def test_subset_members_match_fit_on_their_subsets(fused):
+    # members on different subsets (64, 65 and 32 examples: 2, 3 and 1 steps of 32)
+    # with their own seeds and learning rates end as fit on those examples alone
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)
+    subsets = [rng.permutation(100)[:64], rng.permutation(100)[:65], np.arange(32)]
+    configs = [
+        {"seed": 0, "learning_rate": 1e-2},
+        {"seed": 1, "learning_rate": 3e-2},
+        {"seed": 2, "learning_rate": 1e-2},
+    ]
+    model = models.mlp([8, 3], dropout=0.1)
+    settings = dict(epochs=3, batch_size=32, fused=fused)
+    result = fml.sweep(model, (x, y), configs=configs, subsets=subsets, **settings)
+    assert result.compiles == 1
+    for k, (config, subset) in enumerate(zip(configs, subsets)):
+        alone, history = fml.fit(model, (x[subset], y[subset]), quiet=True, **config, **settings)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=TOLERANCE),
+            result.member_state(k).params,
+            alone.params,
+        )
+        assert int(result.member_state(k).step) == int(alone.step)
+        np.testing.assert_allclose(
+            result.history["train_loss"][:, k], history["train_loss"], rtol=1e-5
+        )
+    with pytest.raises(ConfigError, match="one subset per member"):
+        fml.sweep(model, (x, y), configs=configs, subsets=subsets[:2], **settings)
+    with pytest.raises(ConfigError, match="indexes examples"):
+        fml.sweep(model, (x, y), configs=configs[:1], subsets=[np.arange(95, 101)], **settings)

@@ -61,7 +61,10 @@ def load(
       seed: seed of the validation split.
 
     Returns:
-      a `Dataset`.
+      a `Dataset`, whose `preprocessing` records what was done to the source's raw
+      inputs (reshape, scaling, the standardisation fitted on train, class names; see
+      `fml.preprocessing`), so that `fml.load(run).predict` and every export take raw
+      inputs.
     """
     if isinstance(name, str) and name in EMBEDDED:
         if tuple(split) != ("train", "test") or data_dir is not None:

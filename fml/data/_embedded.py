@@ -4,8 +4,10 @@
 import dataclasses
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 
+from fml import preprocessing as preprocessing_lib
 from fml.errors import ConfigError, DataError, DTypeError, ShapeError, in_range, unknown
 
 
@@ -16,6 +18,9 @@ class Dataset:
     Inputs are float32 `[N, *input_shape]`; targets are int32 labels `[N]` for
     classification or float32 `[N]` for regression. `x_val`/`y_val` are set when
     a validation split was asked for (carved from train, before standardising).
+    `preprocessing` is what was done to the source's raw inputs to get them
+    (`fml.preprocessing`: reshape, scaling, standardisation fitted on train, class
+    names); runs save it and predictors and exports apply it to raw inputs.
     """
 
     name: str
@@ -28,6 +33,12 @@ class Dataset:
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    preprocessing: dict | None = None
+
+    def __post_init__(self):
+        if self.preprocessing is None:  # arrays given as the model takes them
+            identity = preprocessing_lib.identity(self.x_train.shape[1:])
+            object.__setattr__(self, "preprocessing", identity)
 
     @property
     def input_shape(self) -> tuple:
@@ -52,13 +63,21 @@ def _mnist1d_arrays(shuffle_seq: bool):
     return d["x"], d["y"], d["x_test"], d["y_test"]
 
 
+def _with_steps(steps, *xs, classes=None):
+    """`xs` (raw, `[N, ...]`) after `steps`, and the block that records them."""
+    block = preprocessing_lib.block(np.shape(xs[0])[1:], steps, classes=classes)
+    return [preprocessing_lib.apply(block, x) for x in xs], block
+
+
 def _mnist1d(shuffle_seq: bool = False):
     x, y, x_test, y_test = _mnist1d_arrays(shuffle_seq)
+    (x, x_test), block = _with_steps([preprocessing_lib.reshape((x.shape[1], 1))], x, x_test)
     info = {
         "source": "mnist1d.make_dataset(get_dataset_args()), seed 42",
         "shuffle_seq": shuffle_seq,
+        "preprocessing": block,
     }
-    return x[..., None], y, x_test[..., None], y_test, "classification", 10, info
+    return x, y, x_test, y_test, "classification", 10, info
 
 
 def _sklearn(loader_name: str, task: str, as_images: bool = False):
@@ -67,14 +86,21 @@ def _sklearn(loader_name: str, task: str, as_images: bool = False):
 
     bunch = getattr(sklearn.datasets, loader_name)()
     x, y = bunch.data, bunch.target
-    if as_images:  # digits: 8x8 grey levels 0..16 -> [0, 1], NHWC
-        x = (bunch.images / 16.0)[..., None]
+    classes = getattr(bunch, "target_names", None) if task == "classification" else None
+    steps = []
+    if as_images:  # digits: bunch.images, 8x8 grey levels 0..16 -> [0, 1], NHWC
+        x = bunch.images
+        steps = [preprocessing_lib.scale(1 / 16), preprocessing_lib.reshape((*x.shape[1:], 1))]
+    (x,), block = _with_steps(steps, x, classes=classes)
     stratify = y if task == "classification" else None
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.2, random_state=0, stratify=stratify
     )
     num_classes = int(y.max()) + 1 if task == "classification" else None
-    info = {"source": f"sklearn.datasets.{loader_name}; 80/20 split, random_state=0"}
+    info = {
+        "source": f"sklearn.datasets.{loader_name}; 80/20 split, random_state=0",
+        "preprocessing": block,
+    }
     return x_train, y_train, x_test, y_test, task, num_classes, info
 
 
@@ -138,28 +164,39 @@ def make_dataset(
     standardize: bool,
     seed: int,
 ) -> Dataset:
-    """A `Dataset` from raw splits (options checked by `check_options`): carves
-    validation from train, standardises with train's statistics when asked,
-    casts to float32 inputs and int32 labels."""
+    """A `Dataset` from the loader's splits (options checked by `check_options`):
+    casts to float32 inputs and int32 labels, carves validation from train and
+    standardises with train's statistics when asked. `info["preprocessing"]` is the
+    loader's record of what it did to the raw inputs (`fml.preprocessing`; none
+    when absent); the standardisation is appended to it."""
+    info = dict(info)
+    block = info.pop("preprocessing", None) or preprocessing_lib.identity(np.shape(x_train)[1:])
+    label_dtype = np.int32 if task == "classification" else np.float32
+
+    def cast(a, dtype):
+        return None if a is None else np.asarray(a, dtype)
+
+    x_train, x_test = cast(x_train, np.float32), cast(x_test, np.float32)
+    y_train, y_test = cast(y_train, label_dtype), cast(y_test, label_dtype)
     x_val = y_val = None
     if validation > 0:
         x_train, x_val, y_train, y_val = _split_validation(
             x_train, y_train, validation, seed, task == "classification"
         )
     if standardize:
-        mean, std = x_train.mean(0), x_train.std(0)
-        std = np.where(std > 0, std, 1.0)
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-        x_val = None if x_val is None else (x_val - mean) / std
-        info = {**info, "standardized": "per feature, fitted on train"}
-    label_dtype = np.int32 if task == "classification" else np.float32
-
-    def cast(a, dtype):
-        return None if a is None else np.asarray(a, dtype)
-
-    x_train, x_test, x_val = (cast(a, np.float32) for a in (x_train, x_test, x_val))
-    y_train, y_test, y_val = (cast(a, label_dtype) for a in (y_train, y_test, y_val))
-    return Dataset(name, task, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, info)
+        step = preprocessing_lib.fit_standardize(x_train)
+        (standardized,) = preprocessing_lib.transforms(
+            preprocessing_lib.block(block["input_shape"], [step])
+        )
+        x_train, x_test = standardized(x_train), standardized(x_test)
+        x_val = None if x_val is None else standardized(x_val)
+        block = preprocessing_lib.block(
+            block["raw_shape"], [*block["steps"], step], classes=block["classes"]
+        )
+        info["standardized"] = "per feature, fitted on train"
+    return Dataset(
+        name, task, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, info, block
+    )
 
 
 def as_array(value, name: str, where: str = "data") -> np.ndarray:
@@ -193,7 +230,7 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
     x, y = as_array(x, "x", where), as_array(y, "y", where)
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{where}: expected at least one example, got x of shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too (numpy says no)
         raise DTypeError(f"{where}: expected floating-point x, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ShapeError(f"{where}: expected x of shape (N, features...), got {x.shape}")
@@ -210,7 +247,7 @@ def check_arrays(x, y, *, task: str, num_outputs: int | None = None, where: str 
         if y.ndim not in (1, 2):
             raise ShapeError(f"{where}: expected labels of shape (N,) (or (N, T)), got {y.shape}")
         check_labels(y, num_outputs, where)
-    elif not np.issubdtype(y.dtype, np.floating):
+    elif not jnp.issubdtype(y.dtype, jnp.floating):
         raise DTypeError(
             f"{where}: expected floating-point regression targets, got dtype {y.dtype}"
         )

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 
 from fml import batching
+from fml.data._embedded import as_array
+from fml.data._options import check_stream_options
 from fml.errors import ConfigError, ShapeError
 
 
@@ -33,7 +35,9 @@ class ArraySource:
     """In-memory arrays as a `Source`: `read` gathers rows `x[index_B]`, `y[index_B]`."""
 
     def __init__(self, x, y):
-        self.x, self.y = np.asarray(x), np.asarray(y)
+        self.x, self.y = as_array(x, "x", "source"), as_array(y, "y", "source")
+        if self.x.ndim == 0:
+            raise ShapeError(f"expected x of shape (N, ...), got a scalar of shape {self.x.shape}")
         if self.x.shape[:1] != self.y.shape[:1]:
             raise ShapeError(
                 f"expected y with {self.x.shape[0]} rows like x, got y of shape {self.y.shape}"
@@ -164,6 +168,11 @@ class BatchStream:
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"expected batch_size to be a positive int, got {batch_size!r}")
+        check_stream_options(
+            source, seed=seed, drop_remainder=drop_remainder, epochs=epochs, position=position,
+            process_index=process_index, process_count=process_count, prefetch=prefetch,
+            workers=workers,
+        )  # fmt: skip
         batching.check_batching(len(source), batch_size, drop_remainder)
         if prefetch < 0 or workers < 1:
             raise ConfigError(f"expected prefetch >= 0 and workers >= 1, got {prefetch}, {workers}")

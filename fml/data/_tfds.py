@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 
+from fml import preprocessing
 from fml.errors import ConfigError, DataError, UnknownNameError, require, unknown
 
 _READ_CHUNK = 4096
@@ -241,5 +242,10 @@ def load_tfds_arrays(name: str, *, split=("train", "test"), data_dir=None):
         "input_shape": list(decoder.input_shape),
         "classes": decoder.classes,
         "scaled": "uint8 / 255" if decoder.scale else None,
+        "preprocessing": preprocessing.block(
+            decoder.input_shape,
+            [preprocessing.scale(1 / decoder.scale)] if decoder.scale else [],
+            classes=decoder.classes,
+        ),
     }
     return x_train, y_train, x_test, y_test, decoder.task, decoder.num_classes, info

@@ -12,12 +12,19 @@ the first dense layer's size depend on it. Its layers are standard: `nn.Linear`,
 `nn.LSTM/GRU/RNN`; a dense layer after a spatial input flattens NCHW as torch
 users do, so its rows are reordered from fml's NHWC flatten. JAX's asymmetric
 SAME padding becomes an explicit `nn.ZeroPad`/`nn.ConstantPad` in front.
+
+`deployable_module` puts the run's preprocessing (`fml.preprocessing`) in front of
+that module; `write_program` saves it as a standalone `torch.export` program
+(`.pt2`, dynamic batch) that `torch.export.load(path).module()` runs with torch
+alone, on raw inputs. The state-dict targets hold the model only: their inputs are
+preprocessed (the `preprocessing.json` written beside them says how).
 """
 
 import json
 import math
+import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -28,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fml import layers
+from fml import preprocessing as preprocessing_lib
 from fml._model import Model
 from fml.errors import CheckpointError, ExportError, require
 from fml.rundir import flatten_params, unflatten_params
@@ -441,10 +449,12 @@ def from_state_dict(model: Model, state_dict, input_shape) -> dict:
     expected = flatten_params(
         jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(model, input_shape))
     )
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"expected a state dict (a mapping), got {type(state_dict).__name__}")
     _check_keys("state dict", set(state_dict), [e.torch_key for e in entries])
     flat = {}
     for e in entries:
-        value = _to_numpy(state_dict[e.torch_key])
+        value = _to_numpy(state_dict[e.torch_key], e.torch_key)
         want = e.to_torch(expected[e.fml_key])
         if value.shape != want.shape:
             raise CheckpointError(
@@ -459,13 +469,26 @@ def from_state_dict(model: Model, state_dict, input_shape) -> dict:
     return unflatten_params(flat)
 
 
-def _to_numpy(value) -> np.ndarray:
+# The tensor dtypes a state dict may hold weights in (float8 and the like are refused).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _to_numpy(value, key: str) -> np.ndarray:
+    """A state dict entry as a numpy float array, or `CheckpointError` naming `key`."""
     if isinstance(value, torch.Tensor):
+        if value.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"state dict key {key!r}: expected a float tensor, got dtype {value.dtype} "
+                f"(fml reads {', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)})"
+            )
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
             value = value.float()
         return value.numpy()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"state dict key {key!r}: expected an array, got {e}") from e
 
 
 def _check_keys(what: str, got: set, expected: list) -> None:
@@ -491,12 +514,94 @@ def save_state_dict(state_dict, path) -> None:
         torch.save(OrderedDict(state_dict), str(path))
 
 
-def load_state_dict(path) -> "OrderedDict[str, torch.Tensor]":
+# safetensors dtype names and their sizes in bytes.
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def safetensors_header(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{name: (shape, dtype)}` of a `.safetensors` file, read from its JSON header
+    alone and checked against the file's size (no tensor is read).
+
+    Raises:
+      CheckpointError: the header is malformed or names data the file does not hold.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(f.read(length).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return {
+            name: _tensor_entry(name, entry, size - 8 - length)
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no state dict file at {path}") from e
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+
+
+def _tensor_entry(name: str, entry, data_bytes: int) -> tuple[tuple[int, ...], str]:
+    """`(shape, dtype)` of one header entry; ValueError unless its data fits the file."""
+    ok = (
+        isinstance(entry, dict)
+        and entry.get("dtype") in SAFETENSORS_DTYPES
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+        and isinstance(entry.get("data_offsets"), list)
+        and len(entry["data_offsets"]) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
+    )
+    if not ok:
+        raise ValueError(f"tensor {name!r} has a malformed header entry {entry!r:.200}")
+    begin, end = entry["data_offsets"]
+    want = math.prod(entry["shape"]) * SAFETENSORS_DTYPES[entry["dtype"]]
+    if not (0 <= begin <= end <= data_bytes and end - begin == want):
+        raise ValueError(
+            f"tensor {name!r} of shape {entry['shape']} and dtype {entry['dtype']} needs "
+            f"{want} bytes, its offsets {entry['data_offsets']} give {end - begin} of {data_bytes}"
+        )
+    return tuple(entry["shape"]), entry["dtype"]
+
+
+def load_state_dict(path, *, expected: dict | None = None) -> "OrderedDict[str, torch.Tensor]":
     """Reads a state dict written by `torch.save` (a zip; loaded with `weights_only=True`)
-    or by safetensors, never unpickling code."""
+    or by safetensors, never unpickling code.
+
+    Args:
+      path: the file.
+      expected: `{torch_key: shape}` a safetensors file must hold exactly, checked
+        from its header before any tensor is read.
+
+    Raises:
+      CheckpointError: the file is missing, not a state dict, or (safetensors) its
+        header does not match `expected`.
+    """
     try:
         with open(path, "rb") as f:
             is_zip = f.read(2) == b"PK"
+    except FileNotFoundError as e:
+        raise CheckpointError(f"no state dict file at {path}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read a state dict from {path}: {e}") from e
+    if not is_zip:
+        header = safetensors_header(path)
+        if expected is not None:
+            got = {k: shape for k, (shape, _) in header.items()}
+            _check_keys(f"state dict {path}", set(got), list(expected))
+            for k, shape in expected.items():
+                if got[k] != tuple(shape):
+                    raise CheckpointError(
+                        f"state dict {path} key {k!r}: expected shape {tuple(shape)}, got {got[k]}"
+                    )
+    try:
         if is_zip:
             return OrderedDict(torch.load(str(path), map_location="cpu", weights_only=True))
         return OrderedDict(require("safetensors.torch", "torch").load_file(str(path)))
@@ -513,22 +618,90 @@ def _metadata(model: Model, input_shape) -> dict[str, str]:
     return {"fml_spec": json.dumps(model.spec), "input_shape": json.dumps(list(input_shape))}
 
 
-def write_pt(model: Model, params, input_shape, path) -> None:
-    """Writes `to_state_dict(...)` with `torch.save` (reload with `weights_only=True`)."""
+def write_pt(model: Model, params, input_shape, path, *, preprocessing=None) -> None:
+    """Writes `to_state_dict(...)` with `torch.save` (reload with `weights_only=True`);
+    the model only (`preprocessing` goes to the `preprocessing.json` beside it)."""
+    del preprocessing
     save_state_dict(to_state_dict(model, params, input_shape), path)
 
 
-def write_safetensors(model: Model, params, input_shape, path) -> None:
-    """Writes `to_state_dict(...)` as safetensors, the spec and input shape as metadata."""
+def write_safetensors(model: Model, params, input_shape, path, *, preprocessing=None) -> None:
+    """Writes `to_state_dict(...)` as safetensors; the spec, input shape and
+    preprocessing block are its metadata."""
     state_dict = to_state_dict(model, params, input_shape)
-    require("safetensors.torch", "torch").save_file(
-        dict(state_dict), str(path), metadata=_metadata(model, input_shape)
-    )
+    metadata = _metadata(model, input_shape)
+    if preprocessing is not None:
+        metadata["fml_preprocessing"] = json.dumps(preprocessing)
+    require("safetensors.torch", "torch").save_file(dict(state_dict), str(path), metadata=metadata)
 
 
-def run_file(model: Model, input_shape, path, x) -> np.ndarray:
-    """Loads a state dict file into `torch_module` (strictly) and runs it on `x`."""
+def _preprocessed(x, preprocessing) -> torch.Tensor:
+    if preprocessing is not None:
+        x = preprocessing_lib.apply(preprocessing, x)
+    return torch.from_numpy(np.asarray(x, np.float32))
+
+
+def run_file(model: Model, input_shape, path, x, *, preprocessing=None) -> np.ndarray:
+    """Loads a state dict file into `torch_module` (strictly) and runs it on `x`, after
+    `preprocessing` (applied here, in numpy, as a user of the file would)."""
     net = torch_module(model, input_shape)
     net.load_state_dict(load_state_dict(path), strict=True)
     with torch.no_grad():
-        return net(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+        return net(_preprocessed(x, preprocessing)).numpy()
+
+
+class Preprocess(nn.Module):
+    """A preprocessing block's steps (`fml.preprocessing`) as a torch module (float32)."""
+
+    def __init__(self, block: dict):
+        super().__init__()
+        self.block = block
+        self.steps = preprocessing_lib.transforms(
+            block, asarray=lambda v: torch.tensor(v, dtype=torch.float32)
+        )
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def deployable_module(model: Model, params, input_shape, preprocessing=None) -> nn.Module:
+    """`torch_module` with `params` loaded and `preprocessing` in front, in eval mode: it
+    takes raw inputs `[B, *raw_shape]`."""
+    net = torch_module(model, input_shape)
+    net.load_state_dict(to_state_dict(model, params, input_shape), strict=True)
+    block = preprocessing or preprocessing_lib.identity(input_shape)
+    return nn.Sequential(Preprocess(block), net).eval()
+
+
+def dynamic_dims(model: Model, input_shape, preprocessing=None) -> dict:
+    """`torch.export` dims of the input: the batch, and an RNN's time axis when the
+    raw input is the model's."""
+    block = preprocessing or preprocessing_lib.identity(input_shape)
+    dims = {0: torch.export.Dim("batch")}
+    if model.family == "rnn" and tuple(block["raw_shape"]) == tuple(input_shape):
+        dims[1] = torch.export.Dim("time")
+    return dims
+
+
+def write_program(model: Model, params, input_shape, path, *, preprocessing=None) -> None:
+    """Writes `deployable_module(...)` as a `torch.export` program (`.pt2`, dynamic
+    batch): `torch.export.load(path).module()(x)` runs it without fml."""
+    net = deployable_module(model, params, input_shape, preprocessing)
+    block = preprocessing or preprocessing_lib.identity(input_shape)
+    example = torch.zeros((2, *block["raw_shape"]))
+    dims = dynamic_dims(model, input_shape, block)
+    if 1 in dims:  # an RNN's time axis: dynamic where the module allows it (Dim.AUTO)
+        dims[1] = torch.export.Dim.AUTO
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=(dims,))
+    torch.export.save(program, str(path))
+
+
+def run_program(model: Model, input_shape, path, x, *, preprocessing=None) -> np.ndarray:
+    """Loads the `.pt2` program at `path` with `torch.export.load` and runs it on `x`."""
+    del model, input_shape, preprocessing  # the program holds them
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return module(torch.from_numpy(np.asarray(x, np.float32))).numpy()

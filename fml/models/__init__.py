@@ -1,13 +1,15 @@
 """Model families. Each factory closes over hyperparameters and returns a `Model`.
 
-Families: `linear_regression`, `logistic_regression`, `svm`, `mlp`, `cnn`, `rnn`.
+Families: `linear_regression`, `logistic_regression`, `svm`, `mlp`, `cnn`, `rnn`,
+and `flax` (a Flax Linen or NNX module, `from_flax`; flax is imported only then).
 `from_spec(model.spec)` rebuilds any of them; `default_loss` and
 `default_metric` give each family's objective.
 """
 
 from fml._model import Model, canonical_spec
-from fml.errors import ConfigError, unknown
+from fml.errors import ConfigError, FmlError, unknown
 from fml.models._cnn import avg_pool, cnn, conv, dense, dropout, flatten, max_pool
+from fml.models._flax import flax_module, from_flax
 from fml.models._linear import least_squares, linear_regression, logistic_regression, svm
 from fml.models._mlp import mlp
 from fml.models._rnn import rnn
@@ -19,6 +21,7 @@ FAMILIES = {
     "mlp": mlp,
     "cnn": cnn,
     "rnn": rnn,
+    "flax": flax_module,
 }
 
 
@@ -26,14 +29,19 @@ def from_spec(spec: dict) -> Model:
     """Rebuilds the model that `spec` (a `Model.spec`, e.g. read from JSON) describes."""
     if not isinstance(spec, dict) or "family" not in spec:
         raise ConfigError(f"expected a model spec dict with a 'family' key, got {spec!r}")
-    spec = canonical_spec(spec)
+    try:
+        spec = canonical_spec(spec)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"expected a JSON model spec, got {type(e).__name__}: {e}") from e
     family = spec.pop("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise unknown("model family", family, FAMILIES)
     try:
         return FAMILIES[family](**spec)
-    except TypeError as e:
-        raise ConfigError(f"spec does not fit family {family!r}: {e}") from e
+    except FmlError:
+        raise
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(f"spec does not fit family {family!r}: {type(e).__name__}: {e}") from e
 
 
 # Families whose `apply` ignores `train` and `key`.
@@ -82,6 +90,7 @@ __all__ = [
     "dense",
     "dropout",
     "flatten",
+    "from_flax",
     "from_spec",
     "is_deterministic",
     "l2_strength",

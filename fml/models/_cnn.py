@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from fml import layers
 from fml._model import Model
 from fml.errors import ConfigError, ShapeError, in_range, unknown
-from fml.models._common import check_float_input, positive_int
+from fml.models._common import check_float_input, compute_dtype, in_compute_dtype, positive_int
 
 
 def conv(
@@ -118,7 +118,9 @@ def _init_layer(layer: dict, key, in_shape: tuple):
     return None
 
 
-def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
+def cnn(
+    layer_specs: Sequence[dict], num_classes: int | None = None, *, dtype: str = "float32"
+) -> Model:
     """A convolutional network from a list of layer specs.
 
     Args:
@@ -126,6 +128,7 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
         `dropout` from `fml.models`. 1D or 2D follows from the input shape given
         to `init`: `(W, C)` or `(H, W, C)`.
       num_classes: if given, a final linear dense layer with this many outputs.
+      dtype: the compute dtype (as `mlp`'s).
 
     Example (the seed MNIST net):
       >>> import jax, fml
@@ -142,7 +145,12 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
         raise ConfigError("cnn needs at least one layer")
     for i, layer in enumerate(specs):
         _check_layer(layer, i)
-    spec = {"family": "cnn", "layer_specs": specs, "num_classes": None}
+    spec = {
+        "family": "cnn",
+        "layer_specs": specs,
+        "num_classes": None,
+        "dtype": compute_dtype(dtype),
+    }
     names = [f"{layer['type']}_{i}" for i, layer in enumerate(specs)]
 
     def init(key, input_shape):
@@ -173,9 +181,13 @@ def cnn(layer_specs: Sequence[dict], num_classes: int | None = None) -> Model:
             raise ShapeError(
                 f"cnn: expected x of shape {layout} with C={w.shape[-2]}, got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:  # an empty batch: the shapes of a batch of one, no rows
+            one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+            y = jax.eval_shape(lambda x1: apply(params, x1, key=key, train=train), one)
+            return jnp.zeros((0, *y.shape[1:]), y.dtype)
         keys = jax.random.split(key, len(specs)) if key is not None else [None] * len(specs)
         for layer, name, k in zip(specs, names, keys):
             x = _apply_layer(layer, params.get(name), x, key=k, train=train)
         return x
 
-    return Model(init, apply, spec)
+    return Model(init, in_compute_dtype(apply, spec["dtype"], "cnn"), spec)

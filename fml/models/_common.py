@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +21,46 @@ def check_float_input(x, family: str):
             f"{family}: expected floating-point inputs, got {type(x).__name__} of dtype {x.dtype}"
         )
     return jnp.asarray(x)
+
+
+# The compute dtypes a family accepts (`dtype=`); params and optimizer state stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(dtype) -> str:
+    """The name of compute dtype `dtype` (a name or a dtype); `ConfigError` unless it is
+    one of `COMPUTE_DTYPES`."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"expected a compute dtype in {COMPUTE_DTYPES}, got {dtype!r}")
+    return name
+
+
+def in_compute_dtype(apply, dtype: str, family: str):
+    """`apply` run in compute dtype `dtype`: the floating params and `x` are cast to it
+    on the way in (their gradients come back in the params' own float32), the
+    outputs to float32 on the way out, so losses and metrics are float32 whatever
+    the compute dtype. Inputs of any floating dtype are accepted. "float32" is a
+    floor, not a cast: narrower inputs (float16 data) are widened to it, float64
+    ones (under `jax.enable_x64`) stay float64."""
+    dt = jnp.dtype(dtype)
+    floor = dt == jnp.float32
+
+    def cast(a, to, floor: bool):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a.astype(jnp.promote_types(a.dtype, to) if floor else to)
+
+    def apply_in_dtype(params, x, **kwargs):
+        x = check_float_input(x, family)
+        params = jax.tree.map(lambda a: cast(a, dt, floor), params)
+        y = apply(params, cast(x, dt, floor), **kwargs)
+        return jax.tree.map(lambda a: cast(a, jnp.float32, True), y)
+
+    return apply_in_dtype
 
 
 def check_input_shape(x, expected: tuple, family: str):

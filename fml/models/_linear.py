@@ -9,7 +9,13 @@ from threadpoolctl import threadpool_limits
 from fml import layers
 from fml._model import Model
 from fml.errors import ConfigError, DataError, ShapeError
-from fml.models._common import flat_features, input_size, positive_int
+from fml.models._common import (
+    compute_dtype,
+    flat_features,
+    in_compute_dtype,
+    input_size,
+    positive_int,
+)
 
 
 def _linear_model(spec: dict, outputs: int) -> Model:
@@ -23,14 +29,14 @@ def _linear_model(spec: dict, outputs: int) -> Model:
         x = flat_features(x, params["dense"]["w"].shape[0], family)
         return layers.dense(params["dense"], x)
 
-    return Model(init, apply, spec)
+    return Model(init, in_compute_dtype(apply, spec["dtype"], family), spec)
 
 
-def linear_regression(outputs: int = 1) -> Model:
+def linear_regression(outputs: int = 1, *, dtype: str = "float32") -> Model:
     """Ordinary least squares: `y = x @ w + b`, output `[B, outputs]`.
 
     Its default loss is mean squared error and its metric R². For the exact fit
-    use `fml.models.least_squares`.
+    use `fml.models.least_squares`. `dtype` is the compute dtype (as `mlp`'s).
 
     Example:
       >>> import jax, fml
@@ -40,16 +46,20 @@ def linear_regression(outputs: int = 1) -> Model:
       (5, 1)
     """
     positive_int(outputs, "outputs")
-    return _linear_model({"family": "linear_regression", "outputs": outputs}, outputs)
+    spec = {"family": "linear_regression", "outputs": outputs, "dtype": compute_dtype(dtype)}
+    return _linear_model(spec, outputs)
 
 
-def logistic_regression(num_classes: int, *, binary: str = "sigmoid") -> Model:
+def logistic_regression(
+    num_classes: int, *, binary: str = "sigmoid", dtype: str = "float32"
+) -> Model:
     """Multinomial logistic regression; returns logits.
 
     Args:
       num_classes: number of classes, at least 2.
       binary: for 2 classes, "sigmoid" (one logit `[B, 1]`, sigmoid cross-entropy,
         as scikit-learn) or "softmax" (two logits `[B, 2]`). Ignored for more classes.
+      dtype: the compute dtype (as `mlp`'s).
     """
     positive_int(num_classes, "num_classes")
     if num_classes < 2:
@@ -57,17 +67,23 @@ def logistic_regression(num_classes: int, *, binary: str = "sigmoid") -> Model:
     if binary not in ("sigmoid", "softmax"):
         raise ConfigError(f"expected binary='sigmoid' or 'softmax', got {binary!r}")
     outputs = 1 if num_classes == 2 and binary == "sigmoid" else num_classes
-    spec = {"family": "logistic_regression", "num_classes": num_classes, "binary": binary}
+    spec = {
+        "family": "logistic_regression",
+        "num_classes": num_classes,
+        "binary": binary,
+        "dtype": compute_dtype(dtype),
+    }
     return _linear_model(spec, outputs)
 
 
-def svm(num_classes: int, *, loss: str = "hinge", C: float = 1.0) -> Model:
+def svm(num_classes: int, *, loss: str = "hinge", C: float = 1.0, dtype: str = "float32") -> Model:
     """Linear soft-margin SVM; one score `[B, 1]` for 2 classes, else one-vs-rest `[B, K]`.
 
     The training objective is LinearSVC's divided by `C * n_train` (same minimiser):
     `mean_i hinge_i + ||W||² / (2 C n_train)`, with `loss` "hinge" or
     "squared_hinge". `fit` sets the penalty from `C` and the training-set size;
-    the sweep API passes `C` as data, so changing it does not recompile.
+    the sweep API passes `C` as data, so changing it does not recompile. `dtype`
+    is the compute dtype (as `mlp`'s).
     """
     positive_int(num_classes, "num_classes")
     if num_classes < 2:
@@ -76,7 +92,13 @@ def svm(num_classes: int, *, loss: str = "hinge", C: float = 1.0) -> Model:
         raise ConfigError(f"expected svm loss 'hinge' or 'squared_hinge', got {loss!r}")
     if not C > 0:
         raise ConfigError(f"expected C > 0, got {C}")
-    spec = {"family": "svm", "num_classes": num_classes, "loss": loss, "C": float(C)}
+    spec = {
+        "family": "svm",
+        "num_classes": num_classes,
+        "loss": loss,
+        "C": float(C),
+        "dtype": compute_dtype(dtype),
+    }
     return _linear_model(spec, 1 if num_classes == 2 else num_classes)
 
 

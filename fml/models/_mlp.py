@@ -7,16 +7,31 @@ import jax
 from fml import layers
 from fml._model import Model
 from fml.errors import ConfigError, in_range
-from fml.models._common import flat_features, input_size, positive_int
+from fml.models._common import (
+    compute_dtype,
+    flat_features,
+    in_compute_dtype,
+    input_size,
+    positive_int,
+)
 
 
-def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0) -> Model:
+def mlp(
+    widths: Sequence[int],
+    *,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    dtype: str = "float32",
+) -> Model:
     """A stack of dense layers on the flattened input; the last layer is linear.
 
     Args:
       widths: output width of each layer, e.g. `[128, 10]` for 784-128-10.
       activation: between layers (see `fml.layers.ACTIVATIONS`).
       dropout: probability of dropping each hidden unit in training.
+      dtype: the compute dtype ("float32", "bfloat16", "float16"): params and
+        inputs are cast to it in `apply`, outputs come back float32; params and
+        optimizer state stay float32 (mixed precision).
 
     Example:
       >>> import jax, fml
@@ -32,7 +47,13 @@ def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0
         raise ConfigError("mlp needs at least one width (the output layer)")
     act = layers.activation(activation)
     dropout = in_range(dropout, "dropout rate", 0.0, 1.0)
-    spec = {"family": "mlp", "widths": widths, "activation": activation, "dropout": float(dropout)}
+    spec = {
+        "family": "mlp",
+        "widths": widths,
+        "activation": activation,
+        "dropout": float(dropout),
+        "dtype": compute_dtype(dtype),
+    }
     names = [f"dense_{i}" for i in range(len(widths))]
 
     def init(key, input_shape):
@@ -51,4 +72,4 @@ def mlp(widths: Sequence[int], *, activation: str = "relu", dropout: float = 0.0
             h = layers.dropout(h, dropout, key=k, train=train)
         return layers.dense(params[names[-1]], h)
 
-    return Model(init, apply, spec)
+    return Model(init, in_compute_dtype(apply, spec["dtype"], "mlp"), spec)

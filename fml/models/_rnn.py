@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from fml import layers as fml_layers
 from fml._model import Model
 from fml.errors import ConfigError, DTypeError, ShapeError
-from fml.models._common import check_float_input, positive_int
+from fml.models._common import check_float_input, compute_dtype, in_compute_dtype, positive_int
 
 
 def _layer_names(num_layers: int, bidirectional: bool) -> list[list[str]]:
@@ -37,6 +37,8 @@ def rnn(
     bidirectional: bool = False,
     return_sequences: bool = False,
     num_classes: int | None = None,
+    unroll: int = 1,
+    dtype: str = "float32",
 ) -> Model:
     """A (stacked, optionally bidirectional) recurrent network, one `lax.scan` per layer.
 
@@ -48,6 +50,10 @@ def rnn(
       return_sequences: return every step `[B, T, ...]` rather than the final state.
       num_classes: if given, a linear head on the output (per step with
         `return_sequences`).
+      unroll: time steps per iteration of each scan's loop (`lax.scan`'s
+        `unroll`): the same outputs, fewer loop iterations (on a GPU each runs
+        one small matmul, launch-bound), a larger program.
+      dtype: the compute dtype (as `mlp`'s).
 
     `apply(params, x, *, key=None, train=False, lengths=None)`: `x` is `[B, T, D]`;
     `lengths` (int `[B]`) marks valid steps. Without `return_sequences` the output
@@ -67,6 +73,7 @@ def rnn(
     positive_int(layers, "layers")
     if num_classes is not None:
         positive_int(num_classes, "num_classes")
+    positive_int(unroll, "unroll")
     spec = {
         "family": "rnn",
         "cell": cell,
@@ -75,6 +82,8 @@ def rnn(
         "bidirectional": bool(bidirectional),
         "return_sequences": bool(return_sequences),
         "num_classes": num_classes,
+        "unroll": unroll,
+        "dtype": compute_dtype(dtype),
     }
     names = _layer_names(layers, bidirectional)
     directions = len(names[0])
@@ -106,7 +115,12 @@ def rnn(
             outs, finals = [], []
             for name in layer_names:
                 carry, out = fml_layers.scan_rnn(
-                    cell_fn, params[name], h, reverse=name.endswith("_reverse"), lengths_B=lengths
+                    cell_fn,
+                    params[name],
+                    h,
+                    reverse=name.endswith("_reverse"),
+                    lengths_B=lengths,
+                    unroll=unroll,
                 )
                 outs.append(out)
                 finals.append(carry[0] if cell == "lstm" else carry)
@@ -116,4 +130,4 @@ def rnn(
             y = fml_layers.dense(params["head"], y)
         return y
 
-    return Model(init, apply, spec)
+    return Model(init, in_compute_dtype(apply, spec["dtype"], "rnn"), spec)

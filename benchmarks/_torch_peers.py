@@ -3,8 +3,8 @@ exist since torch 2.4; falls back to `foreach` where not supported)."""
 
 import torch
 
-from fml.bench._harness import Runner
-from fml.bench._workloads import LSTM_HIDDEN, NUM_CLASSES, Workload
+from benchmarks._harness import Runner
+from benchmarks._workloads import LSTM_HIDDEN, NUM_CLASSES, Workload
 
 LEARNING_RATE = 1e-3
 

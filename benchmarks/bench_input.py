@@ -16,7 +16,7 @@ Measures, on this machine and in one run, samples/second of
 Reports medians of repeats with the spread (min-max) and the ratio pipeline / step;
 the target is >= 5x (the device never waits for input).
 
-  python scripts/bench_input.py [--batch-size 128] [--repeats 5] [--quick]
+  python benchmarks/bench_input.py [--batch-size 128] [--repeats 5] [--quick]
 """
 
 import argparse

@@ -6,7 +6,7 @@
 - convex fits against scikit-learn at equal test accuracy;
 - seconds to the MNIST-1D paper's accuracy per family;
 - peak memory of a training run against PyTorch.
-`scripts/bench.py` and `fml bench` call `main`.
+`benchmarks/bench.py` calls `main`.
 """
 
 import argparse
@@ -16,9 +16,9 @@ import time
 
 import jax
 
-from fml.bench import _convex, _memory, _mnist1d, _throughput
-from fml.bench._harness import Timing
-from fml.bench._workloads import WORKLOADS
+from benchmarks import _convex, _memory, _mnist1d, _throughput
+from benchmarks._harness import Timing
+from benchmarks._workloads import WORKLOADS
 from fml.errors import ConfigError, unknown
 
 FML = ("fml per-step", "fml fused epoch")

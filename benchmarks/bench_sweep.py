@@ -6,7 +6,7 @@ for the same epochs and batch size, per-step (host loop) and fused (one XLA prog
 per epoch). Wall time includes compilation, as a user pays it; compile counts come
 from JAX's own compile log. Reports medians and the spread (min-max) of repeats.
 
-Usage: python scripts/bench_sweep.py [--epochs 5] [--repeats 3] [--out runs/bench_sweep]
+Usage: python benchmarks/bench_sweep.py [--epochs 5] [--repeats 3] [--out runs/bench_sweep]
 """
 
 import argparse

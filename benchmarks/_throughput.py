@@ -7,9 +7,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fml.bench import _jax_peers, _keras, _torch_peers
-from fml.bench._harness import Timing, measure
-from fml.bench._workloads import WORKLOADS, shrink, synthetic_data
+from benchmarks import _jax_peers, _keras, _torch_peers
+from benchmarks._harness import Timing, measure
+from benchmarks._workloads import WORKLOADS, shrink, synthetic_data
 
 RUNNERS = {
     "fml per-step": _jax_peers.fml_step_runner,

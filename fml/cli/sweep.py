@@ -1,17 +1,19 @@
 """`fml sweep FAMILY --dataset D --lr 1e-3,3e-3 --seeds 5`: one vmapped sweep, a run
 directory for the best member, the table and a plot of metric against hyperparameter."""
 
+from fml import data as data_lib
+from fml import models, rundir
 from fml.errors import ConfigError, unknown
+from fml.models import presets
+from fml.sweep import sweep
 
-# Family name -> the model the CLI sweeps (the MNIST-1D presets, sized to the data).
-CLI_FAMILIES = ("linear_regression", "logistic_regression", "svm", "mlp", "cnn", "gru", "lstm")
+# The families `fml sweep` takes: the same names as `fml train` (an RNN is `rnn --cell C`).
+CLI_FAMILIES = presets.FAMILIES
 
 
-def cli_model(family: str, dataset):
-    """The model `fml sweep FAMILY` trains on `dataset`."""
-    from fml import models
-    from fml.models import presets
-
+def cli_model(family: str, dataset, *, cell: str = "gru"):
+    """The model `fml sweep FAMILY` trains on `dataset` (the MNIST-1D presets, sized to
+    the data)."""
     classes = dataset.num_classes
     if family == "linear_regression":
         return models.linear_regression()
@@ -26,8 +28,8 @@ def cli_model(family: str, dataset):
     if family == "cnn":
         images = len(dataset.input_shape) == 3
         return presets.mnist_cnn(classes) if images else presets.mnist1d_cnn(classes)
-    if family in ("gru", "lstm"):
-        return models.rnn(family, 64, num_classes=classes)
+    if family == "rnn":
+        return models.rnn(cell, 64, num_classes=classes)
     raise unknown("family", family, CLI_FAMILIES)
 
 
@@ -42,7 +44,8 @@ def add_sweep_command(subparsers):
     p = subparsers.add_parser(
         "sweep", help="train a grid of configurations as one vmapped program; keep the best"
     )
-    p.add_argument("family", help=f"one of {', '.join(CLI_FAMILIES)}")
+    p.add_argument("family", choices=CLI_FAMILIES, help="the model family")
+    p.add_argument("--cell", choices=("gru", "lstm", "simple"), default="gru", help="rnn cell")
     p.add_argument("--dataset", default="mnist1d", help="embedded data set (default mnist1d)")
     p.add_argument("--lr", default="1e-3", help="learning rates, comma-separated")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
@@ -54,16 +57,21 @@ def add_sweep_command(subparsers):
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--validation", type=float, default=0.1, help="held-out fraction (selection)")
     p.add_argument("--fused", action="store_true", help="one XLA program per epoch")
-    p.add_argument("--out", default=None, help="run directory (default runs/sweep-FAMILY)")
+    p.add_argument(
+        "--out", default=None, help="run directory (default runs/sweep-FAMILY[-CELL]-DATASET)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in --out (all of it)"
+    )
     p.set_defaults(run=run_sweep_command)
 
 
 def run_sweep_command(args):
-    from fml import data as data_lib
-    from fml.sweep import sweep
-
+    cell = f"-{args.cell}" if args.family == "rnn" else ""
+    out = args.out or f"runs/sweep-{args.family}{cell}-{args.dataset}"
+    rundir.prepare(out, overwrite=args.overwrite)  # before any training; clears a replaced run
     dataset = data_lib.load(args.dataset, validation=args.validation)
-    model = cli_model(args.family, dataset)
+    model = cli_model(args.family, dataset, cell=args.cell)
     swept = {
         name: _floats(text)
         for name, text in (("C", args.C), ("l2", args.l2), ("weight_decay", args.weight_decay))
@@ -82,13 +90,14 @@ def run_sweep_command(args):
     )
     config = {
         "family": args.family,
+        "cell": args.cell if args.family == "rnn" else None,
         "dataset": args.dataset,
         "optimizer": args.optimizer,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "validation": args.validation,
     }
-    out = result.save(args.out or f"runs/sweep-{args.family}", config=config)
+    out = result.save(out, config=config, preprocessing=dataset.preprocessing)
     print(result.markdown())
     print(
         f"\nbest: #{result.best} {result.best_config} (on {result.selected_on}); compiles: "

@@ -1,4 +1,4 @@
-"""The main job: the MNIST-1D table. Every family trained with its recipe
+"""The MNIST-1D table (`experiments/mnist1d_table.py`). Every family trained with its recipe
 (`fml.models.presets.recipe`) over several seeds on MNIST-1D and on its
 shuffled-sequence variant, next to the figures of the MNIST-1D paper.
 
@@ -11,6 +11,7 @@ import multiprocessing
 import pathlib
 from typing import NamedTuple
 
+from experiments import tables
 from fml import experiment
 
 # Test accuracy reported in Greydanus & Kobak, "Scaling down deep learning with MNIST-1D".
@@ -71,7 +72,7 @@ def _run_job(job: Job) -> tuple[float, float, pathlib.Path]:
     run_dir = pathlib.Path(job.out) / job.dataset / job.entry.label / f"seed_{job.seed}"
     kept = experiment.finished_run(config, run_dir) if job.resume else None
     if kept is None:
-        result = experiment.train_and_evaluate(config, run_dir)
+        result = experiment.train_and_evaluate(config, run_dir, quiet=True, overwrite=True)
         test, seconds = result.test, result.seconds
     else:
         test, seconds = kept
@@ -144,7 +145,7 @@ def table_rows(
 def _goal(row: TableRow) -> str:
     if row.paper is None:
         return "no paper figure"
-    mean, _ = experiment.mean_std(row.accuracies)
+    mean, _ = tables.mean_std(row.accuracies)
     if mean < row.paper:
         return f"**below paper by {100 * (row.paper - mean):.1f} pts**"
     if row.stretch is not None:
@@ -167,8 +168,8 @@ def markdown(rows: list[TableRow]) -> str:
     ]
     body = []
     for row in rows:
-        mean, std = experiment.mean_std(row.accuracies)
-        seconds, _ = experiment.mean_std(row.seconds)
+        mean, std = tables.mean_std(row.accuracies)
+        seconds, _ = tables.mean_std(row.seconds)
         paper = f"{100 * row.paper:.0f}" if row.paper is not None else "–"
         body.append(
             [
@@ -180,7 +181,7 @@ def markdown(rows: list[TableRow]) -> str:
                 f"{seconds:.1f}",
             ]
         )
-    return experiment.markdown_table(header, body)
+    return tables.markdown_table(header, body)
 
 
 def mnist1d_table(
@@ -202,17 +203,5 @@ def mnist1d_table(
     rows = table_rows(out, plan, seeds=seeds, scale=scale, workers=workers, resume=resume)
     table = markdown(rows)
     print(table)
-    path = experiment.save_table(table, out, device=device)
+    path = tables.save_table(table, out, device=device)
     return rows, path
-
-
-def main_job(out: str = "runs/main", quick: bool = False, workers: int = 2) -> list[TableRow]:
-    """The README's main command: the MNIST-1D table for seed 0 in `workers` processes
-    (a few minutes on two CPU cores; `experiments/mnist1d_table.py` runs 3 seeds).
-    `quick` trains a tenth of the epochs, for smoke tests. Says where the table and
-    plots went."""
-    rows, path = mnist1d_table(out, seeds=(0,), scale=0.1 if quick else 1.0, workers=workers)
-    print(f"\ntable written to {path}")
-    print(f"learning curves: {pathlib.Path(out)}/<data set>/<model>/seed_0/curves.png")
-    print("mean ± std over 3 seeds: python experiments/mnist1d_table.py --workers 2")
-    return rows

@@ -1,15 +1,16 @@
 """Keras 3 on the TensorFlow backend, run in its own process (`KERAS_BACKEND`
-must be set before keras is imported): `python -m fml.bench._keras WORKLOAD
+must be set before keras is imported): `python -m benchmarks._keras WORKLOAD
 REPEATS [--quick]` prints one `Timing` as JSON on its last line."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
-from fml.bench._harness import Timing
-from fml.bench._workloads import LSTM_HIDDEN, NUM_CLASSES, WORKLOADS, Workload, shrink
+from benchmarks._harness import Timing
+from benchmarks._workloads import LSTM_HIDDEN, NUM_CLASSES, WORKLOADS, Workload, shrink
 
 
 def _keras_model(workload: Workload):
@@ -36,7 +37,7 @@ def keras_timing(workload: Workload, repeats: int) -> Timing:
     """Times `model.fit`: epoch 1 compiles, the next `repeats` epochs are timed."""
     import keras
 
-    from fml.bench._workloads import synthetic_data
+    from benchmarks._workloads import synthetic_data
 
     x, y = synthetic_data(workload)
     model = _keras_model(workload)
@@ -80,8 +81,15 @@ def keras_timing(workload: Workload, repeats: int) -> Timing:
 def run_in_subprocess(workload_name: str, repeats: int, quick: bool) -> Timing | str:
     """Runs `keras_timing` in a fresh process with the TF backend; an error
     message instead of a `Timing` if that process fails."""
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    command = [sys.executable, "-m", "fml.bench._keras", workload_name, str(repeats)]
+    root = str(pathlib.Path(__file__).resolve().parents[1])  # `benchmarks` importable there
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": path,
+    }
+    command = [sys.executable, "-m", "benchmarks._keras", workload_name, str(repeats)]
     done = subprocess.run(
         command + (["--quick"] if quick else []), env=env, capture_output=True, text=True
     )
