@@ -40,6 +40,11 @@ def data_for(config: dict):
     kind = config["source"]
     if kind == "arrays":
         return arrays()
+    if kind == "parquet":  # part-files read by 2 Grain worker processes
+        source = fml.data.parquet_source(
+            config["paths"]["parquet"], features="pixels", label="label", shape=(28, 28, 1)
+        )
+        return fml.data.stream(source, batch_size=BATCH, seed=SETTINGS["seed"], workers=2)
     if kind == "memmap":
         x = np.load(config["paths"]["x"], mmap_mode="r")
         y = np.load(config["paths"]["y"], mmap_mode="r")

@@ -1,6 +1,7 @@
 """tensorflow-datasets loading: mocked sets (`tfds.testing.mock_data`), sets prepared
 on disk in both file formats, streaming from disk, and the offline failure."""
 
+import shutil
 import sys
 import time
 
@@ -164,3 +165,53 @@ def test_embedded_sets_keep_their_behaviour():
         fml.data.load("digits", split=("train[:10%]", "test"))
     with pytest.raises(fml.errors.ConfigError, match=r"\(train, test\) pair"):
         fml.data.load("mnist", split="train")
+
+
+def test_grain_workers_stream_array_record_like_the_loaded_arrays(prepared):
+    dirs, _, _ = prepared
+    source = fml.data.tfds_source("mnist", split="train", data_dir=str(dirs["array_record"]))
+    data = fml.data.load("mnist", data_dir=str(dirs["array_record"]))
+    options = dict(batch_size=8, seed=4, epochs=2, process_index=0, process_count=2)
+    from_disk = fml.data.stream(source, workers=2, **options)
+    in_memory = BatchStream(ArraySource(data.x_train, data.y_train), **options)
+    count = 0
+    for a, b in zip(from_disk, in_memory, strict=True):
+        for k in ("x", "y", "mask"):
+            np.testing.assert_array_equal(jax.device_get(a[k]), jax.device_get(b[k]))
+        count += 1
+    assert count == 2 * N_TRAIN // 8
+
+
+@pytest.mark.parametrize("at", [0.3, 0.5])
+def test_a_corrupt_array_record_file_names_the_file_and_the_record(prepared, tmp_path, at):
+    dirs, _, _ = prepared
+    shutil.copytree(dirs["array_record"], tmp_path, dirs_exist_ok=True)
+    (path,) = tmp_path.glob("mnist/3.0.1/mnist-train.array_record-*")
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    source = fml.data.tfds_source("mnist", split="train", data_dir=str(tmp_path))
+    with pytest.raises(
+        DataError, match=rf"record \d+ \(file {path}, record \d+ of it\) is corrupt"
+    ):
+        for start in range(0, N_TRAIN, 8):
+            source.read(np.arange(start, start + 8))
+
+
+def test_an_array_record_stream_trains_under_shard_map_with_checkpoints(prepared, tmp_path):
+    dirs, _, _ = prepared
+    data = fml.data.load("mnist", data_dir=str(dirs["array_record"]))
+    source = fml.data.tfds_source("mnist", split="train", data_dir=str(dirs["array_record"]))
+    model = fml.models.mlp([8, 10])
+    options = dict(epochs=2, seed=5, optimizer="sgd", learning_rate=0.1, quiet=True)
+    in_memory, h1 = fml.fit(model, (data.x_train, data.y_train), batch_size=8, **options)
+    stream = fml.data.stream(source, batch_size=8, seed=5, workers=2)
+    streamed, h2 = fml.fit(
+        model, stream, parallel="shard_map", checkpoint_dir=tmp_path / "run", **options
+    )
+    stream.close()
+    for a, b in zip(jax.tree.leaves(streamed.params), jax.tree.leaves(in_memory.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(h2["train_loss"], h1["train_loss"], rtol=1e-5)
+    assert fml.checkpoint.latest_step(tmp_path / "run") == 2 * N_TRAIN // 8

@@ -20,6 +20,8 @@ import sys
 import _loop_job as job
 import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import fml
@@ -68,7 +70,14 @@ def paths(tmp_path_factory):
         data_dir=root / "tfds",
         file_format="array_record",
     )
-    return {"x": str(root / "x.npy"), "y": str(root / "y.npy"), "tfds": str(root / "tfds")}
+    parquet = root / "parquet"
+    parquet.mkdir()
+    for part, rows in enumerate(np.array_split(np.arange(job.N), 2)):
+        pixels = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1)), job.FEATURES)
+        table = pa.table({"pixels": pixels, "label": y[rows]})
+        pq.write_table(table, parquet / f"part-{part:05d}-0-c000.snappy.parquet", row_group_size=8)
+    paths = {"x": str(root / "x.npy"), "y": str(root / "y.npy"), "tfds": str(root / "tfds")}
+    return {**paths, "parquet": str(parquet)}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +102,7 @@ def kill_step(config: dict) -> int:
 
 CONFIGS = [
     (source, parallel, fused)
-    for source in ("arrays", "memmap", "array_record")
+    for source in ("arrays", "memmap", "array_record", "parquet")
     for parallel in (None, "shard_map", "pmap")
     for fused in (False, True)
     if not (fused and source != "arrays")
@@ -120,7 +129,7 @@ def test_composition_matrix(paths, reference, tmp_path, source, parallel, fused)
     )
     killed = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_loop_job.py"), str(config_file)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Data: embedded sets that need no network, tensorflow-datasets sets prepared on
-disk, a streaming input pipeline (`BatchStream`) and validation of user arrays."""
+disk, Parquet and `.npy` sources, streams read by Grain (`stream`) or threads
+(`BatchStream`) and validation of user arrays."""
 
 from fml.batching import epoch_key
 from fml.data._embedded import (
@@ -12,6 +13,8 @@ from fml.data._embedded import (
     load_embedded,
     make_dataset,
 )
+from fml.data._grain import GrainStream, stream
+from fml.data._sources import NpySource, ParquetSource, npy_source, parquet_files, parquet_source
 from fml.data._stream import (
     ArraySource,
     BatchStream,
@@ -84,6 +87,9 @@ __all__ = [
     "ArraySource",
     "BatchStream",
     "Dataset",
+    "GrainStream",
+    "NpySource",
+    "ParquetSource",
     "Position",
     "TfdsSource",
     "as_array",
@@ -92,7 +98,11 @@ __all__ = [
     "epoch_key",
     "global_batch_put",
     "load",
+    "npy_source",
+    "parquet_files",
+    "parquet_source",
     "prefetch",
     "read_batch",
+    "stream",
     "tfds_source",
 ]

@@ -88,6 +88,10 @@ class _Decoder:
         else:
             self.task, self.num_classes, self.classes = "regression", None, None
 
+    def __getstate__(self) -> dict:
+        # The compiled TF decoder does not pickle: each worker process builds its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_decode_serialized"}
+
     def __call__(self, x, y) -> dict:
         x = np.asarray(x, np.float32)
         if self.scale is not None:
@@ -133,14 +137,48 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self.data_source)
 
-    def read(self, index_B: np.ndarray) -> dict:
-        keys = [int(i) for i in index_B]
+    def _read(self, keys: list[int]) -> dict:
         read_many = getattr(self.data_source, "__getitems__", None)
         records = read_many(keys) if read_many else [self.data_source[k] for k in keys]
         return self.decoder.records(records)
 
+    def read(self, index_B: np.ndarray) -> dict:
+        keys = [int(i) for i in index_B]
+        try:
+            return self._read(keys)
+        except Exception as e:  # Riegeli RuntimeError, TF InvalidArgumentError, ParseError
+            raise self._corrupt(keys, e) from None
+
+    def _corrupt(self, keys: list[int], error: Exception) -> DataError:
+        """A `DataError` naming the first record of `keys` that fails alone, and its file."""
+        for key in keys:
+            try:
+                self._read([key])
+            except Exception as e:
+                return DataError(
+                    f"tensorflow-datasets set {self.name!r}: record {key} "
+                    f"({_record_file(self.data_source, key)}) is corrupt: {type(e).__name__}: "
+                    f"{str(e)[:300]}"
+                )
+        return DataError(
+            f"tensorflow-datasets set {self.name!r}: reading records {keys[:8]}... failed: "
+            f"{type(error).__name__}: {str(error)[:300]}"
+        )
+
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {len(self)} examples, input_shape={self.input_shape})"
+
+
+def _record_file(data_source, key: int) -> str:
+    """ "file F, record r" of the split's record `key`, from ArrayRecord's read
+    instructions when the data source exposes them (else "file unknown")."""
+    instructions = getattr(getattr(data_source, "data_source", None), "_read_instructions", None)
+    for instruction in instructions or ():
+        count = instruction.end - instruction.start
+        if key < count:
+            return f"file {instruction.filename}, record {instruction.start + key} of it"
+        key -= count
+    return "file unknown"
 
 
 def _raw_records(name: str, builder, split: str):
