@@ -17,12 +17,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fml import batching, checkpoint, inputs
+from fml import batching, checkpoint, inputs, proximal
 from fml import callbacks as callbacks_lib
 from fml import data as data_lib
 from fml import models as models_lib
 from fml import parallel as parallel_lib
-from fml import proximal
 from fml._model import Model
 from fml.batching import epoch_indices
 from fml.data import check_arrays
