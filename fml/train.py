@@ -434,40 +434,23 @@ def fit(
     if not isinstance(model, Model):
         raise ConfigError(f"expected an fml Model, got {type(model).__name__}")
     splits = inputs.splits(data, validation)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"expected seed to be an int, got {seed!r}")
-    _check_int(epochs, "epochs", 0)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(patience, "patience", 0, or_none=True)
-    _check_int(checkpoint_every, "checkpoint_every", 1, or_none=True)
-    _check_int(checkpoint_every_epochs, "checkpoint_every_epochs", 1, or_none=True)
-    if resume and state is not None:
-        raise ConfigError("pass either state= or resume=True, not both")
-    if resume and checkpoint_dir is None:
-        raise ConfigError("resume=True needs the checkpoint_dir of the run to continue")
+    _check_options(seed=seed, epochs=epochs, batch_size=batch_size, patience=patience,
+                   checkpoint_every=checkpoint_every, resume=resume, state=state,
+                   checkpoint_every_epochs=checkpoint_every_epochs,
+                   checkpoint_dir=checkpoint_dir)  # fmt: skip
     task = inputs.resolve_task(model, loss, task, splits)
     check_arrays(splits.x, splits.y, task=task, where="training data")
     objective = make_objective(model, loss, task)
+    make_tx = functools.partial(
+        make_optimizer, learning_rate=learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {})
+    )
     optimizer, batch_size = proximal.l1_optimizer(  # L1 as a proximal step
-        optimizer,
-        l1,
-        batch_size,
-        splits.num_examples,
-        functools.partial(
-            make_optimizer,
-            learning_rate=learning_rate,
-            clip_norm=clip_norm,
-            **(optimizer_kwargs or {}),
-        ),
+        optimizer, l1, batch_size, splits.num_examples, make_tx
     )
     plan = _plan(splits, optimizer, batch_size, drop_remainder, shuffle, seed, fused, tol)
-    tx = make_optimizer(optimizer, learning_rate, clip_norm=clip_norm, **(optimizer_kwargs or {}))
-    l2 = in_range(
-        models_lib.l2_strength(model.spec, splits.num_examples) if l2 is None else l2,
-        "l2",
-        0.0,
-        math.inf,
-    )
+    tx = make_tx(optimizer)
+    l2 = models_lib.l2_strength(model.spec, splits.num_examples) if l2 is None else l2
+    l2 = in_range(l2, "l2", 0.0, math.inf)
     if state is None:
         state = init_state(model, tx, splits.x.shape[1:], seed=seed, l2=l2)
     else:
@@ -480,46 +463,20 @@ def fit(
     runner = _runner(model, objective, tx, settings, splits, plan, dp)
     checkpoint_cb = None
     if checkpoint_dir is not None:
+        trajectory = dict(task=task, optimizer=optimizer, learning_rate=learning_rate,
+                          optimizer_kwargs=optimizer_kwargs or {}, clip_norm=clip_norm, loss=loss,
+                          l2=float(l2), l1=float(l1), epochs=epochs, patience=patience)  # fmt: skip
         config = checkpoint.fit_config(
-            splits.x,
-            splits.y,
-            num_examples=splits.num_examples,
-            task=task,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            optimizer_kwargs=optimizer_kwargs or {},
-            clip_norm=clip_norm,
-            batch_size=plan.batch_size,
-            drop_remainder=plan.drop_remainder,
-            shuffle=plan.shuffle,
-            seed=plan.seed,
-            loss=loss,
-            l2=float(l2),
-            l1=float(l1),
-            epochs=epochs,
-            fused=fused,
-            patience=patience,
-            tol=tol,
+            splits.x, splits.y, num_examples=splits.num_examples, **plan._asdict(), **trajectory
         )
         checkpoint_cb = callbacks_lib.Checkpoint(
-            checkpoint_dir,
-            optimizer=tx,
-            config=config,
-            every_steps=checkpoint_every,
-            every_epochs=checkpoint_every_epochs,
-            keep=keep,
-            resume=resume,
-        )
+            checkpoint_dir, optimizer=tx, config=config, every_steps=checkpoint_every,
+            every_epochs=checkpoint_every_epochs, keep=keep, resume=resume,
+        )  # fmt: skip
     main = jax.process_index() == 0
     options = {"loss": loss, "metric": metric, "task": task}
-    run_callbacks = _callbacks(
-        splits,
-        callbacks,
-        patience=patience,
-        quiet=quiet or not main,
-        checkpoint_cb=checkpoint_cb,
-        options=options,
-    )
+    run_callbacks = _callbacks(splits, callbacks, patience=patience, quiet=quiet or not main,
+                               checkpoint_cb=checkpoint_cb, options=options)  # fmt: skip
     place = dp.replicate if dp else (lambda s: s)
     loop = callbacks_lib.Loop(
         model, runner, place(state), runner.steps_per_epoch, 0, [], main=main, place=place
@@ -529,6 +486,22 @@ def fit(
     if splits.test is not None:
         history["test"] = evaluate(model, loop.state.params, *splits.test, **options)
     return loop.state, history
+
+
+def _check_options(*, seed, epochs, batch_size, patience, checkpoint_every,
+                   checkpoint_every_epochs, resume, state, checkpoint_dir) -> None:  # fmt: skip
+    """`ConfigError` for the first of `fit`'s options that is out of range."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"expected seed to be an int, got {seed!r}")
+    _check_int(epochs, "epochs", 0)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(patience, "patience", 0, or_none=True)
+    _check_int(checkpoint_every, "checkpoint_every", 1, or_none=True)
+    _check_int(checkpoint_every_epochs, "checkpoint_every_epochs", 1, or_none=True)
+    if resume and state is not None:
+        raise ConfigError("pass either state= or resume=True, not both")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs the checkpoint_dir of the run to continue")
 
 
 def _plan(splits: inputs.Splits, optimizer, batch_size, drop_remainder, shuffle, seed, fused, tol):
