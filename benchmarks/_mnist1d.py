@@ -4,7 +4,7 @@ main job's settings, one epoch per call (compiled programs are reused)."""
 import time
 from typing import NamedTuple
 
-from experiments.mnist1d import MNIST1D_PAPER
+from experiments.mnist1d_report import MNIST1D_PAPER
 from fml import data as data_lib
 from fml import models, train
 from fml.models import presets
@@ -18,7 +18,7 @@ class TimeToAccuracy(NamedTuple):
     seconds: float  # wall time until the target, compile and per-epoch test included
 
 
-# family -> (model factory, fit settings); the main job's (experiments/mnist1d.py).
+# family -> (model factory, fit settings); the main job's (experiments/mnist1d_report.py).
 FAMILIES = {
     "logistic_regression": (
         lambda: models.logistic_regression(10),

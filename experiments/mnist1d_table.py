@@ -10,7 +10,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # as a script: the repo root
-from experiments import mnist1d  # noqa: E402
+from experiments import mnist1d_report  # noqa: E402
 
 
 def main(argv=None):
@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="keep finished runs in --out")
     parser.add_argument("--no-shuffled", action="store_true", help="skip the shuffled rows")
     args = parser.parse_args(argv)
-    rows, path = mnist1d.mnist1d_table(
+    rows, path = mnist1d_report.mnist1d_table(
         args.out,
         seeds=args.seeds,
         scale=args.scale,

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import mnist1d as report
+from experiments import mnist1d_report as report
 from experiments import seed_examples, tables
 from experiments import sklearn_parity as parity
 from fml import experiment
