@@ -312,10 +312,32 @@ def _callbacks(splits: inputs.Splits, extra, *, patience, quiet, checkpoint_cb, 
     built.append(callbacks_lib.History())
     if not quiet:
         built.append(callbacks_lib.Progress())
-    built.extend(extra or [])
+    built.extend(_checked_callbacks(extra))
     if checkpoint_cb is not None:
         built.append(checkpoint_cb)
     return built
+
+
+HOOKS = ("on_train_begin", "restore", "next_stop", "on_steps", "on_epoch_end", "on_train_end",
+         "close", "state_dict", "load_state_dict")  # fmt: skip
+
+
+def _checked_callbacks(callbacks) -> list:
+    """`callbacks` as a list, each with every hook of the protocol, else `ConfigError`."""
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, list | tuple):
+        raise ConfigError(
+            f"expected callbacks as a list of fml.callbacks.Callback, got {type(callbacks).__name__}"
+        )
+    for cb in callbacks:
+        missing = [hook for hook in HOOKS if not callable(getattr(cb, hook, None))]
+        if missing:
+            raise ConfigError(
+                f"expected callbacks with the hooks of fml.callbacks.Callback (subclass it), got "
+                f"{type(cb).__name__} without {', '.join(missing)}"
+            )
+    return list(callbacks)
 
 
 def fit(

@@ -264,7 +264,11 @@ def _launch_two(config: dict, tmp_path, name: str) -> list:
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(ROOT / "tests" / "_loop_job.py"), str(path)],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
         )
     try:
@@ -294,3 +298,12 @@ def test_two_processes_streaming_their_shards_killed_and_resumed(paths, tmp_path
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=TOLERANCE, rtol=0)
+
+
+def test_callbacks_that_are_not_callbacks_are_refused():
+    x, y = job.arrays()
+    model = fml.models.mlp([8, job.CLASSES])
+    with pytest.raises(ConfigError, match="got int without on_train_begin, restore"):
+        fml.fit(model, (x, y), epochs=1, quiet=True, callbacks=[3])
+    with pytest.raises(ConfigError, match="list of fml.callbacks.Callback, got StopAtStep"):
+        fml.fit(model, (x, y), epochs=1, quiet=True, callbacks=StopAtStep(2))
