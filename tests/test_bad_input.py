@@ -514,7 +514,8 @@ def finished_run(tmp_path_factory):
     """A finished run: checkpoints at steps 6 and 8, and the run directory files."""
     run_dir = tmp_path_factory.mktemp("bad_input") / "run"
     model = fml.models.mlp([8, 3])
-    data = (RNG.normal(size=(30, 4)).astype(np.float32), RNG.integers(0, 3, 30).astype(np.int32))
+    rng = np.random.default_rng(1)
+    data = (rng.normal(size=(30, 4)).astype(np.float32), rng.integers(0, 3, 30).astype(np.int32))
     state, history = fml.fit(
         model,
         data,

@@ -10,8 +10,6 @@ import torch.nn.functional as F
 from fml import layers
 from fml.errors import ConfigError, UnknownNameError
 
-RNG = np.random.default_rng(0)
-
 
 def _torch(x_channels_last):
     """NWC/NHWC numpy -> NCW/NCHW torch."""
@@ -23,9 +21,9 @@ def _channels_last(t):
     return t.permute(0, *range(2, t.ndim), 1).detach().numpy()
 
 
-def test_dense_matches_numpy():
+def test_dense_matches_numpy(rng):
     params = layers.dense_init(jax.random.key(0), 5, 3)
-    x = RNG.normal(size=(4, 5)).astype(np.float32)
+    x = rng.normal(size=(4, 5)).astype(np.float32)
     want = x @ np.asarray(params["w"]) + np.asarray(params["b"])
     np.testing.assert_allclose(layers.dense(params, x), want, atol=1e-6)
 
@@ -42,10 +40,10 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("spatial,kernel,stride,padding,torch_padding", CONV_CASES)
-def test_conv_matches_torch(spatial, kernel, stride, padding, torch_padding):
+def test_conv_matches_torch(spatial, kernel, stride, padding, torch_padding, rng):
     params = layers.conv_init(jax.random.key(1), 3, 4, kernel)
-    params["b"] = jnp.asarray(RNG.normal(size=4), jnp.float32)
-    x = RNG.normal(size=(2, *spatial, 3)).astype(np.float32)
+    params["b"] = jnp.asarray(rng.normal(size=4), jnp.float32)
+    x = rng.normal(size=(2, *spatial, 3)).astype(np.float32)
     got = layers.conv(params, x, stride=stride, padding=padding)
     w = torch.tensor(np.asarray(params["w"]))
     w = w.permute(w.ndim - 1, w.ndim - 2, *range(w.ndim - 2))  # [*k, in, out] -> [out, in, *k]
@@ -58,12 +56,12 @@ def test_conv_matches_torch(spatial, kernel, stride, padding, torch_padding):
 @pytest.mark.parametrize("in_channels", [1, 8])  # both im2col weight-gradient paths
 @pytest.mark.parametrize("spatial,kernel,stride,padding,torch_padding", CONV_CASES)
 def test_conv_gradients_match_torch(
-    platform, in_channels, spatial, kernel, stride, padding, torch_padding
+    platform, in_channels, spatial, kernel, stride, padding, torch_padding, rng
 ):
     params = layers.conv_init(jax.random.key(1), in_channels, 4, kernel)
-    x = RNG.normal(size=(2, *spatial, in_channels)).astype(np.float32)
+    x = rng.normal(size=(2, *spatial, in_channels)).astype(np.float32)
     out = layers.conv(params, x, stride=stride, padding=padding)
-    cotangent = RNG.normal(size=out.shape).astype(np.float32)
+    cotangent = rng.normal(size=out.shape).astype(np.float32)
 
     def loss(params, x):
         y = layers.conv(params, x, stride=stride, padding=padding, platform=platform)
@@ -83,11 +81,11 @@ def test_conv_gradients_match_torch(
     np.testing.assert_allclose(grad_x, _channels_last(x_t.grad), atol=2e-5, rtol=1e-5)
 
 
-def test_strided_same_pads_high_like_jax():
+def test_strided_same_pads_high_like_jax(rng):
     """JAX's SAME pads (0, 1) for an even input, stride 2, kernel 3 — torch's padding=1
     would pad (1, 1); fml follows JAX, so the reference pads explicitly."""
     params = layers.conv_init(jax.random.key(2), 2, 3, (3, 3))
-    x = RNG.normal(size=(1, 8, 8, 2)).astype(np.float32)
+    x = rng.normal(size=(1, 8, 8, 2)).astype(np.float32)
     got = layers.conv(params, x, stride=2, padding="SAME")
     w = torch.tensor(np.asarray(params["w"])).permute(3, 2, 0, 1)
     padded = F.pad(_torch(x), (0, 1, 0, 1))
@@ -99,8 +97,8 @@ def test_strided_same_pads_high_like_jax():
 @pytest.mark.parametrize("platform", [None, *layers.PLATFORM_PATHS])
 @pytest.mark.parametrize("window,stride", [(2, None), (3, 2), (2, 1)])
 @pytest.mark.parametrize("dims", [1, 2])
-def test_max_and_avg_pool_match_torch(window, stride, dims, platform):
-    x = RNG.normal(size=(2, *(11,) * dims, 3)).astype(np.float32)
+def test_max_and_avg_pool_match_torch(window, stride, dims, platform, rng):
+    x = rng.normal(size=(2, *(11,) * dims, 3)).astype(np.float32)
     ref_stride = stride or window
     for fml_pool, torch_pool in [
         (layers.max_pool, F.max_pool1d if dims == 1 else F.max_pool2d),
@@ -118,8 +116,8 @@ def test_same_pooling_ignores_padding():
 
 
 @pytest.mark.parametrize("platform", layers.PLATFORM_PATHS)
-def test_pool_gradients_match_torch(platform):
-    x = RNG.normal(size=(2, 7, 7, 3)).astype(np.float32)
+def test_pool_gradients_match_torch(platform, rng):
+    x = rng.normal(size=(2, 7, 7, 3)).astype(np.float32)
     xt = _torch(x).clone().requires_grad_(True)
     for fml_pool, torch_pool in [(layers.max_pool, F.max_pool2d), (layers.avg_pool, F.avg_pool2d)]:
         grad = jax.grad(lambda x, pool=fml_pool: jnp.sum(pool(x, 3, 2, platform=platform) ** 2))(x)
@@ -128,11 +126,11 @@ def test_pool_gradients_match_torch(platform):
         np.testing.assert_allclose(grad, _channels_last(xt.grad), atol=1e-5)
 
 
-def test_cpu_lowering_takes_the_cpu_path_and_paths_agree():
+def test_cpu_lowering_takes_the_cpu_path_and_paths_agree(rng):
     """On CPU the dispatching conv + pool is bit-identical to the forced CPU path, and
     the native path's gradients agree with it to float32 rounding."""
     params = layers.conv_init(jax.random.key(3), 3, 8, (3, 3))
-    x = RNG.normal(size=(4, 10, 10, 3)).astype(np.float32)
+    x = rng.normal(size=(4, 10, 10, 3)).astype(np.float32)
 
     def loss(params, x, platform):
         y = layers.conv(params, x, padding=1, platform=platform)
@@ -167,11 +165,11 @@ def test_dropout_needs_key_and_valid_rate():
         layers.dropout(jnp.ones(3), 1.0, key=jax.random.key(0), train=True)
 
 
-def test_layer_norm_matches_torch():
-    x = RNG.normal(size=(4, 7)).astype(np.float32)
+def test_layer_norm_matches_torch(rng):
+    x = rng.normal(size=(4, 7)).astype(np.float32)
     params = {
-        "scale": jnp.asarray(RNG.normal(size=7), jnp.float32),
-        "bias": jnp.asarray(RNG.normal(size=7), jnp.float32),
+        "scale": jnp.asarray(rng.normal(size=7), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=7), jnp.float32),
     }
     want = F.layer_norm(
         torch.from_numpy(x),

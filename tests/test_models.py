@@ -13,8 +13,6 @@ from jax.test_util import check_grads
 from fml import layers, models
 from fml.models import avg_pool, cnn, conv, dense, dropout, max_pool, presets
 
-RNG = np.random.default_rng(0)
-
 
 def t(a):
     return torch.tensor(np.asarray(a))
@@ -187,7 +185,8 @@ CASES["rnn_gru_2layer_bidir"] = (_m, (6, 2), _ref_rnn(_m.spec))
 def _setup(name, batch=3, seed=0):
     model, input_shape, reference = CASES[name]
     params = _random_params(model.init(jax.random.key(seed), input_shape), seed)
-    x = RNG.normal(size=(batch, *input_shape)).astype(np.float32)
+    # Its own generator: a shared one would draw different inputs under each xdist schedule.
+    x = np.random.default_rng(seed + 1).normal(size=(batch, *input_shape)).astype(np.float32)
     return model, params, x, reference
 
 
@@ -218,7 +217,8 @@ def test_gradients_match_finite_differences(name):
         params64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
         x64 = jnp.asarray(x, jnp.float64)
         loss = jax.jit(lambda p: jnp.sum(jnp.sin(model.apply(p, x64))))
-        check_grads(loss, (params64,), order=1, modes=("rev",), atol=1e-4, rtol=1e-4)
+        # A step of 1e-6 in float64: 1e-4 crossed a relu or max-pool kink for 2 of 12 seeds.
+        check_grads(loss, (params64,), order=1, modes=("rev",), atol=1e-4, rtol=1e-4, eps=1e-6)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -260,7 +260,7 @@ def test_mlp_dropout_changes_training_output_only():
 def test_scan_equals_python_loop(cell):
     cell_fn = layers.get_cell(cell)
     params = _random_params(layers.cell_init(jax.random.key(0), cell_fn.gates, 3, 4))
-    x = RNG.normal(size=(2, 9, 3)).astype(np.float32)
+    x = np.random.default_rng(1).normal(size=(2, 9, 3)).astype(np.float32)
     for reverse in (False, True):
         carry, h = layers.scan_rnn(cell_fn, params, x, reverse=reverse)
         loop_carry = cell_fn.zero_carry(2, 4, jnp.float32)

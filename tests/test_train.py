@@ -11,8 +11,6 @@ import fml
 from fml import models, train
 from fml.models import presets
 
-RNG = np.random.default_rng(0)
-
 
 def _toy_classification(n=64, d=5, k=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -180,9 +178,9 @@ def test_mnist1d_cnn_reaches_90_percent():
     assert history["test"]["accuracy"] >= 0.90
 
 
-def test_early_stopping_restores_best_validation_epoch():
+def test_early_stopping_restores_best_validation_epoch(rng):
     x, y = _toy_classification(n=120, d=20)
-    y = RNG.permutation(y)  # pure noise labels: validation loss rises as it overfits
+    y = rng.permutation(y)  # pure noise labels: validation loss rises as it overfits
     model = models.mlp([64, 3])
     state, history = fml.fit(
         model, (x, y), epochs=40, validation=0.25, patience=3, learning_rate=3e-2, quiet=True
