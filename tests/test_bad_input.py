@@ -2,6 +2,7 @@
 row: each bad input gets a typed fml error with a clear message, and nothing
 already saved is lost."""
 
+import io
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from typing import NamedTuple
 
 import jax
@@ -453,6 +455,78 @@ def _(ctx):
     state = fml_torch.to_state_dict(ctx.model, ctx.params_at_6, (4,))
     state["dense_0.weight"] = state["dense_0.weight"].to(torch.float8_e4m3fn)
     fml_torch.from_state_dict(ctx.model, state, (4,))
+
+
+@row("state-dict-pt-damaged", CheckpointError, r"expected shape \(8, 4\), got \(9, 4\)")
+def _(ctx):
+    torch = pytest.importorskip("torch")
+    from fml.export import torch as fml_torch
+
+    path = ctx.run_dir / "model.pt"
+    state = fml_torch.to_state_dict(ctx.model, ctx.params_at_6, (4,))
+    torch.save(state, path)
+    good = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    bomb = bytearray(good)  # the central directory's first entry claims 4 GB
+    directory = bomb.rindex(b"PK\x01\x02")
+    bomb[directory + 24 : directory + 28] = (2**32 - 1).to_bytes(4, "little")
+    for content, match in [
+        (good[: len(good) // 2], "is not a valid torch.save zip"),
+        (deflated.getvalue(), "expected the uncompressed entries torch.save writes"),
+        (bytes(bomb), r"declare \d+ bytes, more than the file's"),
+    ]:
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=match):
+            fml_torch.load_state_dict(path)
+    state["dense_0.weight"] = torch.zeros(9, 4)
+    torch.save(state, path)
+    fml_torch.load_state_dict(
+        path,
+        expected={
+            "dense_0.weight": (8, 4),
+            "dense_0.bias": (8,),
+            "dense_1.weight": (3, 8),
+            "dense_1.bias": (3,),
+        },
+    )
+
+
+@row("tfds-set-damaged", DataError, r"'mnist' in .* cannot be read .*damaged")
+def _(ctx):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    data_dir = ctx.run_dir.parent / "tfds"
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(4, 4, 1)),
+            "label": tfds.features.ClassLabel(num_classes=3),
+        }
+    )
+    image = np.zeros((4, 4, 1), np.uint8)
+    tfds.dataset_builders.store_as_tfds_dataset(
+        "mnist",
+        "3.0.1",
+        features,
+        {s: [(i, {"image": image, "label": i % 3}) for i in range(6)] for s in ("train", "test")},
+        data_dir=data_dir,
+        disable_shuffling=True,
+        file_format="array_record",
+    )
+    info = data_dir / "mnist" / "3.0.1" / "dataset_info.json"
+    good = info.read_bytes()
+    no_splits = json.dumps({k: v for k, v in json.loads(good).items() if k != "splits"}).encode()
+    for content in (good[: len(good) // 2], b"\xff\xfe garbage", no_splits):
+        info.write_bytes(content)
+        with pytest.raises(DataError, match=r"'mnist' in .* cannot be read"):
+            fml.data.tfds_source("mnist", data_dir=str(data_dir)).read(np.arange(2))
+        if content is not no_splits:
+            with pytest.raises(DataError, match=r"'mnist' in .* cannot be read"):
+                fml.data.load("mnist", data_dir=str(data_dir))
+    fml.data.load("mnist", data_dir=str(data_dir))
 
 
 @row("second-writer-of-a-run-directory", CheckpointError, r"another process \(pid \d+ on host")

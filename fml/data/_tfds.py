@@ -2,12 +2,13 @@
 records for streaming (`tfds_source`). Never downloads: a set must be prepared in
 `data_dir` first (`tfds build` on a machine with a network)."""
 
+import contextlib
 import functools
 
 import numpy as np
 
 from fml import preprocessing
-from fml.errors import ConfigError, DataError, UnknownNameError, require, unknown
+from fml.errors import ConfigError, DataError, FmlError, UnknownNameError, require, unknown
 
 _READ_CHUNK = 4096
 
@@ -55,6 +56,25 @@ def _reading(name: str, builder, read):
         if builder.is_prepared():
             raise DataError(f"tensorflow-datasets set {name!r}: {e}") from e
         raise _not_prepared(name, builder, EMBEDDED) from None
+
+
+@contextlib.contextmanager
+def _damaged_set_errors(name: str, data_dir):
+    """Any other failure while opening or reading a set becomes a `DataError` naming
+    the set and its directory: for a damaged `dataset_info.json`, `features.json` or
+    record file TFDS raises protobuf's `ParseError`, `RuntimeError`, `KeyError` or
+    TensorFlow's errors."""
+    try:
+        yield
+    except FmlError:
+        raise
+    except Exception as e:
+        where = data_dir if data_dir is not None else "TFDS's data_dir (TFDS_DATA_DIR)"
+        raise DataError(
+            f"tensorflow-datasets set {name!r} in {where} cannot be read (its "
+            f"dataset_info.json, features.json or records are damaged; rebuild it with "
+            f"`tfds build`): {type(e).__name__}: {str(e)[:300]}"
+        ) from e
 
 
 class _Decoder:
@@ -200,9 +220,10 @@ def tfds_source(name: str, *, split: str = "train", data_dir=None) -> TfdsSource
       split: a TFDS split, slicing included ("train[:90%]").
       data_dir: the TFDS data directory (default: TFDS's, `TFDS_DATA_DIR`).
     """
-    builder = _builder(name, data_dir)
-    decoder = _Decoder(name, builder.info)
-    return TfdsSource(name, _raw_records(name, builder, split), decoder)
+    with _damaged_set_errors(name, data_dir):
+        builder = _builder(name, data_dir)
+        decoder = _Decoder(name, builder.info)
+        return TfdsSource(name, _raw_records(name, builder, split), decoder)
 
 
 def _read_split(name: str, builder, decoder: _Decoder, split: str):
@@ -232,10 +253,11 @@ def load_tfds_arrays(name: str, *, split=("train", "test"), data_dir=None):
         raise ConfigError(
             f"expected split as a (train, test) pair of TFDS split names, got {split!r}"
         )
-    builder = _builder(name, data_dir)
-    decoder = _Decoder(name, builder.info)
-    x_train, y_train = _read_split(name, builder, decoder, split[0])
-    x_test, y_test = _read_split(name, builder, decoder, split[1])
+    with _damaged_set_errors(name, data_dir):
+        builder = _builder(name, data_dir)
+        decoder = _Decoder(name, builder.info)
+        x_train, y_train = _read_split(name, builder, decoder, split[0])
+        x_test, y_test = _read_split(name, builder, decoder, split[1])
     info = {
         "source": f"tensorflow-datasets {name} {builder.info.version}, splits {list(split)}",
         "data_dir": str(builder.data_dir),

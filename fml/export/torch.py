@@ -23,6 +23,7 @@ preprocessed (the `preprocessing.json` written beside them says how).
 import json
 import math
 import os
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -571,18 +572,57 @@ def _tensor_entry(name: str, entry, data_bytes: int) -> tuple[tuple[int, ...], s
     return tuple(entry["shape"]), entry["dtype"]
 
 
+def torch_zip_check(path) -> None:
+    """Checks a `torch.save` zip from its directory alone (no tensor is read): a
+    `data.pkl` and every entry stored uncompressed, as torch writes them, holding no
+    more bytes than the file (so a zip bomb is refused before anything inflates).
+
+    Raises:
+      CheckpointError: the zip is malformed, compressed or not a torch state dict.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a valid torch.save zip: {e}") from e
+    if not any(e.filename.rsplit("/", 1)[-1] == "data.pkl" for e in entries):
+        raise CheckpointError(f"{path} is a zip without data.pkl, not a torch.save state dict")
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(
+            f"{path}: expected the uncompressed entries torch.save writes, got "
+            f"{compressed[0]!r} compressed"
+        )
+    declared, size = sum(e.file_size for e in entries), os.path.getsize(path)
+    if declared > size:
+        raise CheckpointError(
+            f"{path}: its entries declare {declared} bytes, more than the file's {size}"
+        )
+
+
+def _check_shapes(path, got: dict, expected: dict) -> None:
+    """Raises `CheckpointError` unless `got` (`{key: shape}`) holds exactly `expected`."""
+    _check_keys(f"state dict {path}", set(got), list(expected))
+    for k, shape in expected.items():
+        if tuple(got[k]) != tuple(shape):
+            raise CheckpointError(
+                f"state dict {path} key {k!r}: expected shape {tuple(shape)}, got {tuple(got[k])}"
+            )
+
+
 def load_state_dict(path, *, expected: dict | None = None) -> "OrderedDict[str, torch.Tensor]":
     """Reads a state dict written by `torch.save` (a zip; loaded with `weights_only=True`)
     or by safetensors, never unpickling code.
 
     Args:
       path: the file.
-      expected: `{torch_key: shape}` a safetensors file must hold exactly, checked
-        from its header before any tensor is read.
+      expected: `{torch_key: shape}` the file must hold exactly: checked from a
+        safetensors header before any tensor is read, and on a torch zip (whose
+        size is first checked from its directory) once it is read.
 
     Raises:
-      CheckpointError: the file is missing, not a state dict, or (safetensors) its
-        header does not match `expected`.
+      CheckpointError: the file is missing, not a state dict, or does not match
+        `expected`.
     """
     try:
         with open(path, "rb") as f:
@@ -591,24 +631,28 @@ def load_state_dict(path, *, expected: dict | None = None) -> "OrderedDict[str, 
         raise CheckpointError(f"no state dict file at {path}") from e
     except OSError as e:
         raise CheckpointError(f"cannot read a state dict from {path}: {e}") from e
-    if not is_zip:
+    if is_zip:
+        torch_zip_check(path)
+    else:
         header = safetensors_header(path)
         if expected is not None:
-            got = {k: shape for k, (shape, _) in header.items()}
-            _check_keys(f"state dict {path}", set(got), list(expected))
-            for k, shape in expected.items():
-                if got[k] != tuple(shape):
-                    raise CheckpointError(
-                        f"state dict {path} key {k!r}: expected shape {tuple(shape)}, got {got[k]}"
-                    )
+            _check_shapes(path, {k: shape for k, (shape, _) in header.items()}, expected)
     try:
         if is_zip:
-            return OrderedDict(torch.load(str(path), map_location="cpu", weights_only=True))
-        return OrderedDict(require("safetensors.torch", "torch").load_file(str(path)))
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            state = require("safetensors.torch", "torch").load_file(str(path))
     except FileNotFoundError as e:
         raise CheckpointError(f"no state dict file at {path}") from e
     except Exception as e:  # torch and safetensors raise many types for bad files
         raise CheckpointError(f"cannot read a state dict from {path}: {e}") from e
+    if not (isinstance(state, Mapping) and all(torch.is_tensor(v) for v in state.values())):
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors, got {type(state).__name__}"
+        )
+    if expected is not None:
+        _check_shapes(path, {k: v.shape for k, v in state.items()}, expected)
+    return OrderedDict(state)
 
 
 # ------------------------------------------------------- `fml.export` target
@@ -645,7 +689,8 @@ def run_file(model: Model, input_shape, path, x, *, preprocessing=None) -> np.nd
     """Loads a state dict file into `torch_module` (strictly) and runs it on `x`, after
     `preprocessing` (applied here, in numpy, as a user of the file would)."""
     net = torch_module(model, input_shape)
-    net.load_state_dict(load_state_dict(path), strict=True)
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    net.load_state_dict(load_state_dict(path, expected=expected), strict=True)
     with torch.no_grad():
         return net(_preprocessed(x, preprocessing)).numpy()
 
