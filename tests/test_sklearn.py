@@ -40,11 +40,6 @@ def _scaled(estimator):
     return make_pipeline(StandardScaler(), estimator)
 
 
-# Accuracies of cross-validated means are compared within half a percentage point
-# (three digits of the 599 in a fold): at these settings the two differ by one digit.
-SLACK = 0.005
-
-
 def test_cross_val_score_on_digits_matches_logistic_regression(digits):
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -52,12 +47,15 @@ def test_cross_val_score_on_digits_matches_logistic_regression(digits):
     x, y = digits
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
     C, n_train = 1.0, len(x) * 2 // 3
-    sk = cross_val_score(_scaled(LogisticRegression(C=C, max_iter=1000)), x, y, cv=cv)
+    # Solved to its optimum (at its default tol=1e-4 lbfgs stops early, and by
+    # chance classifies one more digit of the first fold: 0.9699 vs 0.9683).
+    exact = LogisticRegression(C=C, max_iter=5000, tol=1e-8)
+    sk = cross_val_score(_scaled(exact), x, y, cv=cv)
     # the same objective: LogisticRegression's divided by C n is mean loss + ||w||² / (2 C n)
     ours = FmlClassifier("logistic_regression", optimizer="lbfgs", epochs=300, l2=1 / (C * n_train))
     fml_scores = cross_val_score(_scaled(ours), x, y, cv=cv)
-    assert fml_scores.mean() >= sk.mean() - SLACK, (fml_scores, sk)
-    assert fml_scores.mean() > 0.95
+    assert fml_scores.mean() >= sk.mean(), (fml_scores, sk)
+    assert fml_scores.mean() > 0.96
 
 
 def test_pipeline_mlp_on_digits_matches_mlp_classifier(digits):
@@ -70,14 +68,17 @@ def test_pipeline_mlp_on_digits_matches_mlp_classifier(digits):
     x, y = digits
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
     settings = {"hidden_layer_sizes": (64,), "batch_size": 64}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        sk = cross_val_score(
-            _scaled(MLPClassifier(max_iter=30, random_state=0, **settings)), x, y, cv=cv
-        )
-    ours = cross_val_score(_scaled(FmlClassifier("mlp", epochs=30, **settings)), x, y, cv=cv)
-    assert ours.mean() >= sk.mean() - SLACK, (ours, sk)
-    assert ours.mean() > 0.95
+    sk, ours = [], []
+    for seed in range(3):  # one seed's mean of 3 folds moves by a digit or two per seed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            mlp = MLPClassifier(max_iter=30, random_state=seed, **settings)
+            sk.append(cross_val_score(_scaled(mlp), x, y, cv=cv).mean())
+        fml_mlp = FmlClassifier("mlp", epochs=30, seed=seed, **settings)
+        ours.append(cross_val_score(_scaled(fml_mlp), x, y, cv=cv).mean())
+    # measured: scikit-learn 0.9722 (0.9733, 0.9705, 0.9727), fml 0.9725 (0.9705, 0.9755, 0.9716)
+    assert np.mean(ours) >= np.mean(sk), (ours, sk)
+    assert np.mean(ours) > 0.965
 
 
 def test_grid_search_on_diabetes_matches_ridge():
