@@ -5,7 +5,8 @@
   framework, with the machine's float32 matmul peak and each model's GFLOP/s;
 - convex fits against scikit-learn at equal test accuracy;
 - seconds to the MNIST-1D paper's accuracy per family;
-- peak memory of a training run against PyTorch.
+- peak memory of a training run against PyTorch and hand-written JAX;
+- the LSTM's recurrent matmul alone, XLA:CPU against PyTorch.
 `benchmarks/bench.py` calls `main`.
 """
 
@@ -16,13 +17,13 @@ import time
 
 import jax
 
-from benchmarks import _convex, _memory, _mnist1d, _throughput
+from benchmarks import _convex, _memory, _mnist1d, _recurrent, _throughput
 from benchmarks._harness import Timing
 from benchmarks._workloads import WORKLOADS
 from fml.errors import ConfigError, unknown
 
 FML = ("fml per-step", "fml fused epoch")
-SECTIONS = ("throughput", "convex", "mnist1d", "memory")
+SECTIONS = ("throughput", "convex", "mnist1d", "memory", "recurrent")
 GOALS = (  # (workload, peer, minimum ratio of fml's best to the peer)
     ("mlp", "pure JAX fused epoch", 1.0),
     ("mlp", "PyTorch eager", 2.5),
@@ -175,6 +176,15 @@ def run(
         parts += [
             "\nPeak memory of the same MLP training run (/usr/bin/time -v, max RSS): "
             + ", ".join(f"{k} {v:.0f} MiB" for k, v in memory.items())
+        ]
+    if "recurrent" in sections:
+        gemm = _recurrent.recurrent_gemm(repeats=5 if quick else 50, log=log)
+        results["recurrent_gemm_gflops"] = gemm
+        parts += [
+            f"\nThe LSTM's recurrent matmul alone ({_recurrent.STEPS} dependent "
+            f"[{_recurrent.BATCH}, {_recurrent.LSTM_HIDDEN}] x [{_recurrent.LSTM_HIDDEN}, "
+            f"{4 * _recurrent.LSTM_HIDDEN}] steps): "
+            + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gemm.items())
         ]
     if timings or convex:
         parts += ["\nGoals:\n", "\n".join(goal_lines(timings, peak, convex))]

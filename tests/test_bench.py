@@ -42,6 +42,16 @@ def test_quick_run_structure():
     assert "- mlp: fml" in markdown and "PyTorch eager = " in markdown
 
 
+def test_recurrent_gemm_section_compares_the_same_computation():
+    results = bench.run(quick=True, sections=("recurrent",), log=lambda *_: None)
+    gemm = results["recurrent_gemm_gflops"]
+    assert sorted(gemm) == ["PyTorch", "XLA"] and all(v > 0.1 for v in gemm.values())
+    assert (
+        "recurrent matmul alone (28 dependent [128, 128] x [128, 512] steps)"
+        in (results["markdown"])
+    )
+
+
 def test_bench_checks_names():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
