@@ -85,9 +85,41 @@ def dense_init(
     return {"w": w, "b": jnp.zeros((out_features,), dtype)}
 
 
-def dense(params: dict, x):
-    """`x @ w + b` over the last axis of `x`."""
-    return add_bias(x @ params["w"], params["b"])
+def dense(params: dict, x, *, platform: str | None = None):
+    """`x @ w + b` over the last axis of `x`. With one output (a binary linear
+    model) and `x` of shape `[N, D]`, its weight gradient is `one_output_matmul`'s
+    on XLA:CPU (see `on_platform`; `platform` forces a path)."""
+    w = params["w"]
+    if x.ndim == 2 and w.shape[-1] == 1:
+        y = on_platform(x, w, cpu=one_output_matmul, native=jnp.matmul, platform=platform)
+    else:
+        y = x @ w
+    return add_bias(y, params["b"])
+
+
+@jax.custom_vjp
+def one_output_matmul(x, w):
+    """`x @ w` for `x: [N, D]` and `w: [D, 1]`, whose weight gradient is a multiply
+    and a reduce over the rows (accumulated in at least float32): XLA:CPU's
+    transposed matmul `x.T @ g` with one column is several times slower (x of
+    200,000 x 100 on 2 cores: 75 -> 7 ms; with 2 to 8 columns the two are level or
+    the matmul is faster)."""
+    return x @ w
+
+
+def _one_output_forward(x, w):
+    return x @ w, (x, w)
+
+
+def _one_output_vjp(residuals, g):
+    x, w = residuals
+    g = lax.optimization_barrier(g)  # else the reduce recomputes g's producer per element
+    accumulate = jnp.promote_types(w.dtype, jnp.float32)
+    dw = jnp.sum(x * g, axis=0, dtype=accumulate).astype(w.dtype)
+    return g @ w.T, dw[:, None]
+
+
+one_output_matmul.defvjp(_one_output_forward, _one_output_vjp)
 
 
 def flatten(x):

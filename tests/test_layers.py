@@ -194,3 +194,36 @@ def test_unknown_padding_and_cell():
         layers.explicit_padding("FULL", 2)
     with pytest.raises(UnknownNameError, match="rnn cell"):
         layers.get_cell("transformer")
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+@pytest.mark.parametrize("platform", layers.PLATFORM_PATHS)
+def test_dense_gradients_match_numpy_on_both_paths(outputs, platform, rng):
+    # With one output the CPU path's weight gradient is a multiply and a reduce.
+    x = rng.normal(size=(300, 7)).astype(np.float32)
+    params = {"w": jnp.asarray(rng.normal(size=(7, outputs)), jnp.float32), "b": jnp.zeros(outputs)}
+    cotangent = rng.normal(size=(300, outputs)).astype(np.float32)
+    loss = lambda p, x: jnp.sum(layers.dense(p, x, platform=platform) * cotangent)
+    grads, dx = jax.grad(loss, argnums=(0, 1))(params, x)
+    x64, c64 = x.astype(np.float64), cotangent.astype(np.float64)
+    np.testing.assert_allclose(grads["w"], x64.T @ c64, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(grads["b"], c64.sum(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx, c64 @ np.asarray(params["w"], np.float64).T, atol=1e-5)
+
+
+def test_few_output_dense_gradient_is_a_matmul_off_cpu():
+    """Lowered for cuda and tpu the weight gradient of a one-output layer stays
+    XLA's matmul; on CPU it is a reduce over the rows (`one_output_matmul`)."""
+    params = {"w": jnp.zeros((100, 1)), "b": jnp.zeros(1)}
+    x = jnp.zeros((512, 100))
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(layers.dense(p, x))))
+
+    def counts(platform):
+        text = jax.export.export(grad, platforms=(platform,))(params).mlir_module()
+        return text.count("stablehlo.dot_general"), text.count("stablehlo.reduce")
+
+    assert counts("cpu")[0] == 0  # forward only needs no dot: the loss is a plain sum
+    assert counts("cpu")[1] >= 2  # the weight gradient's reduce, and the bias's
+    for platform in ("cuda", "tpu"):
+        dots, reduces = counts(platform)
+        assert dots == 1 and reduces == 1  # the weight gradient's matmul; the bias's sum
