@@ -180,10 +180,14 @@ def test_half_precision_data_is_accepted(name, dtype):
     assert np.isfinite(history["train_loss"][-1])
 
 
-# Test-accuracy points bf16 may lose against float32. The GRU, 12 epochs into a
-# climb that ends near 91%, loses 1.5 points at seeds 0 and 1 (60.6 -> 59.1,
-# 57.8 -> 56.3), where float32 itself moves 2.8 points from seed 0 to seed 1.
-POINTS = {"rnn": 0.02}
+# bf16 may lose at most 1 test-accuracy point against float32 at the same seed,
+# for every family. The GRU has no systematic loss left: its carry, gate sums and
+# matmul accumulations are float32 (only the matmul operands are bf16), and over
+# seeds 0-7 at this budget bf16 - float32 is +0.5 +0.2 +1.0 -0.4 +0.4 +0.7 -0.9
+# -1.7 points (mean -0.03): the trajectories part ways as two float32 runs of
+# different seeds do (their accuracies spread 2.3 points, s.d.). Rounding the
+# params to bf16 moves the trained GRU's logits 4% (max, relative); rounding its
+# state before the recurrent matmul, nothing measurable.
 
 
 def _mnist1d_cases():
@@ -241,7 +245,7 @@ def test_bfloat16_training_matches_float32_on_mnist1d(
         metrics = fml.evaluate(model, state.params, d.x_test, y_test, task=task)
         scores[dtype] = metrics["r2" if regression else "accuracy"]
     print(f"{name}: float32 {scores['float32']:.4f}, bfloat16 {scores['bfloat16']:.4f}")
-    assert scores["bfloat16"] >= scores["float32"] - POINTS.get(name, 0.01)
+    assert scores["bfloat16"] >= scores["float32"] - 0.01
     # It learned something: chance is 0.1 accuracy; the least-squares R² is 0.079.
     assert scores["float32"] > (0.03 if regression else 0.2)
 
