@@ -242,6 +242,25 @@ def make_steps(train_step):
     return steps
 
 
+def make_batch_scan(train_step):
+    """Steps over batches gathered beforehand, in order, as one program:
+    `scan(state, x_SxB, y_SxB, mask_SxB) -> (state, metrics)`.
+
+    `lax.scan`s `train_step` over step `s`'s batch `{"x": x_SxB[s], "y":
+    y_SxB[s], "mask": mask_SxB[s]}`; per-step metrics come back stacked `[S]`.
+    Data-parallel fused epochs run it per replica on its columns of each batch.
+    """
+
+    def scan(state, x_SxB, y_SxB, mask_SxB):
+        def body(state, batch):
+            x_B, y_B, mask_B = batch
+            return train_step(state, {"x": x_B, "y": y_B, "mask": mask_B})
+
+        return jax.lax.scan(body, state, (x_SxB, y_SxB, mask_SxB))
+
+    return scan
+
+
 def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False, shuffle: bool = True):
     """One epoch as one program: `epoch(state, x, y, key) -> (state, metrics)`.
 

@@ -9,7 +9,7 @@ from parallel_cases import data, families, train
 
 import fml
 from experiments import scaling
-from fml import parallel
+from fml import batching, parallel
 from fml.errors import ConfigError, DistributedError, UnknownNameError
 
 TOLERANCE = 1e-5
@@ -51,6 +51,28 @@ def test_uneven_batch_is_padded_with_mask(launcher, fused, devices):
     # 10 examples per step on 8 (or 3) devices: padded to 16 (or 12) with mask-0 rows.
     padded = train("mlp", launcher, fused, batch_size=10, devices=devices)
     assert max_abs_diff(padded, train("mlp", batch_size=10)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("launcher", ["shard_map", "pmap"])
+def test_fused_epochs_give_each_device_its_rows_only(launcher):
+    """Fused data-parallel epochs hold 1/8 of the data on each of 8 devices: its
+    columns of every batch of the epoch, in the batch order of one device
+    (`fml.batching.epoch_indices`). Before, every device held all of x and y."""
+    x, y = data()  # 320 examples, batches of 16: 20 steps of 2 rows per device
+    runner = parallel.data_parallel(launcher).fused_runner(
+        (None,), x, y, seed=3, batch_size=16, drop_remainder=False, shuffle=True
+    )
+    placed = runner.batches(1, 0, runner.steps_per_epoch)
+    index_SxB, mask_SxB = jax.device_get(batching.epoch_indices(batching.epoch_key(3, 1), 320, 16))
+    for got, want in zip(placed, (x[index_SxB], y[index_SxB], mask_SxB)):
+        assert len(got.addressable_shards) == 8
+        for shard in got.addressable_shards:
+            assert shard.data.nbytes == want.nbytes // 8
+        got = np.asarray(got)
+        if launcher == "pmap":  # [devices, steps, rows per device, ...]
+            got = np.moveaxis(got, 0, 1).reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
+    assert placed[0].addressable_shards[0].data.nbytes == x.nbytes // 8 == 1280
 
 
 @pytest.mark.parametrize(
