@@ -527,6 +527,23 @@ def _positive_seconds(value, name: str) -> float:
     return float(value)
 
 
+def _device_ids(ids) -> list[int] | None:
+    """`ids` as a list of distinct non-negative ints (None stays None), else `ConfigError`."""
+    if ids is None:
+        return None
+    ids = list(ids) if isinstance(ids, Sequence | range) else ids
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+        or len(set(ids)) != len(ids)
+    ):
+        raise ConfigError(
+            f"expected local_device_ids as distinct non-negative ints (e.g. range(4)), got {ids!r}"
+        )
+    return ids
+
+
 def _kv_client():
     """JAX's distributed key-value store client (`jax.experimental.multihost_utils`
     reaches it the same way; JAX has no public accessor)."""
@@ -615,7 +632,12 @@ def initialize(
         `heartbeat_timeout_seconds`, whole seconds, at least 1).
       shutdown_timeout_s: how long `jax.distributed.shutdown` waits at the end
         of a run for every process to reach it (JAX's `shutdown_timeout_seconds`).
-      local_device_ids: restricts this process to these local devices (GPUs).
+      local_device_ids: the local devices (GPU ordinals) this process drives,
+        e.g. `range(4)` for a SLURM task that holds 4 GPUs. None: JAX's default,
+        which under SLURM is one GPU per task, number `SLURM_LOCALID` (right for
+        one task per GPU; a task with several would drive only one of them),
+        unless `JAX_LOCAL_DEVICE_IDS` ("0,1,2,3") is set. A one-process run
+        ignores it (it uses every visible device; set `CUDA_VISIBLE_DEVICES`).
 
     Returns:
       the `Cluster` joined.
@@ -633,6 +655,7 @@ def initialize(
     timeout_s = _positive_seconds(timeout_s, "timeout_s")
     heartbeat_timeout_s = _positive_seconds(heartbeat_timeout_s, "heartbeat_timeout_s")
     shutdown_timeout_s = _positive_seconds(shutdown_timeout_s, "shutdown_timeout_s")
+    local_device_ids = _device_ids(local_device_ids)
     cluster = cluster_from_environment(coordinator_address, num_processes, process_id)
     if cluster.num_processes == 1:
         return cluster

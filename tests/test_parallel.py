@@ -162,6 +162,28 @@ def test_single_process_without_settings(monkeypatch):
     assert parallel.initialize() == (None, 1, 0, "single process")
 
 
+def test_local_device_ids_reach_jax(monkeypatch):
+    """A SLURM task with 4 GPUs: `local_device_ids=range(4)` is handed to
+    `jax.distributed.initialize` as [0, 1, 2, 3] (else JAX drives GPU
+    SLURM_LOCALID only); bad ids are a ConfigError before JAX is touched."""
+    calls = []
+
+    def fake_initialize(*args, **kwargs):
+        calls.append(kwargs["local_device_ids"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)  # keep the CPU collectives
+    settings = ("127.0.0.1:1", 2, 0)
+    with pytest.raises(DistributedError, match="stop here"):
+        parallel.initialize(*settings, local_device_ids=range(4), timeout_s=1)
+    assert calls == [[0, 1, 2, 3]]
+    for bad in ([], [0, 0], [-1], "0,1", [0.0]):
+        with pytest.raises(ConfigError, match="local_device_ids as distinct non-negative ints"):
+            parallel.initialize(*settings, local_device_ids=bad)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(
     "env,expected",
     [
