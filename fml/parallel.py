@@ -38,6 +38,7 @@ Example:
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -248,6 +249,11 @@ class DataParallel:
     def num_replicas(self) -> int:
         return self.mesh.size
 
+    @property
+    def platform(self) -> str:
+        """The mesh's platform: "cpu", "gpu", "tpu"."""
+        return self.mesh.devices.flat[0].platform
+
     def replicate(self, tree):
         """A copy on every device of a tree every replica reads whole, the state
         (replicated, or stacked for pmap)."""
@@ -280,6 +286,21 @@ class DataParallel:
                 fn, axis_name=AXIS, devices=list(self.mesh.devices.flat), donate_argnums=0
             )
         return jax.jit(_shard_map(fn, self.mesh, in_specs), donate_argnums=0)
+
+    def full_batch(self, iterations: Callable) -> Callable:
+        """`iterations(state, x, y, mask, num, tol, *, capacity)` (a per-replica
+        `make_full_batch_iterations`) run per replica on its rows of the data (placed
+        with `put_batch`), compiled once per `capacity`."""
+        compiled = {}
+        specs = (P(), P(AXIS), P(AXIS), P(AXIS), P(), P())
+
+        def run(*args, capacity: int):
+            if capacity not in compiled:
+                fn = functools.partial(iterations, capacity=capacity)
+                compiled[capacity] = self.compile(fn, specs)
+            return compiled[capacity](*args)
+
+        return run
 
     def put_epoch_batches(self, batches: tuple) -> tuple:
         """This process's columns of an epoch's batches, `[S, b, ...]` arrays with `b`

@@ -214,17 +214,22 @@ class FullBatchRunner:
 
     Attributes:
       iterations: the compiled `make_full_batch_iterations` program.
-      x, y: the training data on the device.
+      x, y, mask: the training data on the device (for data parallelism, each
+        device its rows; padding rows have mask 0).
       tol: stop once no gradient entry exceeds it (None: never).
+      place: places the iteration count and `tol` for the program.
+      local: this process's view of a tree the program returned.
     """
 
     iterations: Callable
     x: Any
     y: Any
+    mask: Any
     tol: float | None = None
+    place: Callable = _identity
+    local: Callable = _identity
     steps_per_epoch = 1
     fused = True
-    local = staticmethod(_identity)
 
     def run(self, state, from_step: int, to_step: int):
         chunks, step = [], from_step
@@ -232,15 +237,11 @@ class FullBatchRunner:
         while step < to_step:
             num = min(to_step - step, MAX_ITERATIONS_PER_PROGRAM)
             capacity = min(1 << (num - 1).bit_length(), MAX_ITERATIONS_PER_PROGRAM)
+            limits = self.place((jnp.asarray(num, jnp.int32), jnp.asarray(tol, jnp.float32)))
             state, buffers, ran, converged = self.iterations(
-                state,
-                self.x,
-                self.y,
-                jnp.asarray(num, jnp.int32),
-                jnp.asarray(tol, jnp.float32),
-                capacity=capacity,
+                state, self.x, self.y, self.mask, *limits, capacity=capacity
             )
-            ran, converged, buffers = jax.device_get((ran, converged, buffers))
+            ran, converged, buffers = jax.device_get(self.local((ran, converged, buffers)))
             chunks.append({k: v[:ran] for k, v in buffers.items()})
             step += int(ran)
             if converged:
