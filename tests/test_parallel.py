@@ -194,19 +194,31 @@ def test_summed_over_replicas_differentiates_the_global_sum():
     assert float(plain) == 0.0 and float(summed) == float(np.sum(x**2)) == 140.0
 
 
-def test_parallel_lbfgs_lowers_for_gpus():
-    """Where it is allowed, the data-parallel lbfgs program (shard_map over the 8
-    devices) exports for cuda: 8 devices, all-reduces inside the while loops."""
-    iterations, state = _full_batch_iterations(families()["mlp"], parallel.AXIS)
+@pytest.mark.parametrize("program", ["fused", "lbfgs"])
+def test_parallel_programs_lower_for_gpus(program):
+    """Where they run, the data-parallel fused epoch (batches sharded on axis 1) and
+    lbfgs (rows sharded on axis 0) shard_map programs over the 8 devices export for
+    cuda: 8 devices, all-reduces inside the loop."""
+    model = families()["mlp"]
     dp = parallel.data_parallel("shard_map")
-    program = dp.compile(iterations, (P(), *[P(parallel.AXIS)] * 3, P(), P()))
     x, y = data(64)
-    args = (state, x, y, np.ones(64, np.float32), np.int32(10), np.float32(-1.0))
+    if program == "lbfgs":
+        iterations, state = _full_batch_iterations(model, parallel.AXIS)
+        compiled = dp.compile(iterations, (P(), *[P(parallel.AXIS)] * 3, P(), P()))
+        args = (state, x, y, np.ones(64, np.float32), np.int32(10), np.float32(-1.0))
+    else:
+        tx = make_optimizer("adam", 1e-3)
+        step = make_train_step(model, make_objective(model), tx, axis_name=parallel.AXIS)
+        (compiled,) = dp.programs(step, fused=True)
+        state = init_state(model, tx, (8, 1))
+        args = (state, x.reshape(4, 16, 8, 1), y.reshape(4, 16), np.ones((4, 16), np.float32))
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
-    exported = jax_export.export(program, platforms=("cuda",))(*shapes)
+    exported = jax_export.export(compiled, platforms=("cuda",))(*shapes)
     text = exported.mlir_module()
     assert exported.platforms == ("cuda",) and exported.nr_devices == 8
     assert text.count("stablehlo.while") >= 1 and text.count("all_reduce") >= 2
+    # each device's block: 8 of the 64 rows, or 2 of each of the 4 batches' 16
+    assert ("tensor<8x8x1xf32>" if program == "lbfgs" else "tensor<4x2x8x1xf32>") in text
 
 
 def test_unknown_launcher():
