@@ -327,19 +327,10 @@ class DataParallel:
         on its devices as part of the global array."""
         return shard_batch(batch, self.mesh, stacked=self.stacked)
 
-    def programs(
-        self,
-        train_step: Callable,
-        *,
-        fused: bool,
-        batch_size: int = 0,
-        drop_remainder: bool = False,
-        shuffle: bool = True,
-    ) -> tuple:
+    def programs(self, train_step: Callable, *, fused: bool) -> tuple:
         """The compiled per-replica programs a runner takes: `(step,)` host-fed (its
         dispatch bounded for pmap on XLA:CPU), `(scan,)` fused: the epoch's
         batches scanned per replica over its columns of each (`make_batch_scan`)."""
-        del batch_size, drop_remainder, shuffle  # the host draws the batches
         if fused:
             specs = (P(), EPOCH_BATCHES, EPOCH_BATCHES, EPOCH_BATCHES)
             return (self.compile(make_batch_scan(train_step), specs),)
@@ -552,17 +543,18 @@ def _device_ids(ids) -> list[int] | None:
     """`ids` as a list of distinct non-negative ints (None stays None), else `ConfigError`."""
     if ids is None:
         return None
-    ids = list(ids) if isinstance(ids, Sequence | range) else ids
+    given = ids
+    ids = list(ids) if isinstance(ids, Sequence | np.ndarray) and not isinstance(ids, str) else []
     if (
-        not isinstance(ids, list)
-        or not ids
-        or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+        not ids
+        or any(isinstance(i, bool) or not isinstance(i, int | np.integer) or i < 0 for i in ids)
         or len(set(ids)) != len(ids)
     ):
         raise ConfigError(
-            f"expected local_device_ids as distinct non-negative ints (e.g. range(4)), got {ids!r}"
+            "expected local_device_ids as distinct non-negative ints (e.g. range(4)), "
+            f"got {given!r}"
         )
-    return ids
+    return [int(i) for i in ids]
 
 
 def _kv_client():

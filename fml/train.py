@@ -109,13 +109,7 @@ def _programs(
                 else jax.jit(iterations, static_argnames="capacity", donate_argnums=0),
             )
         elif dp is not None:
-            programs = dp.programs(
-                train_step,
-                fused=kind == "fused",
-                batch_size=batch_size,
-                drop_remainder=drop_remainder,
-                shuffle=shuffle,
-            )
+            programs = dp.programs(train_step, fused=kind == "fused")
         elif kind == "fused":
             epoch = make_epoch(
                 train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
