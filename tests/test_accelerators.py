@@ -250,6 +250,27 @@ def test_bfloat16_training_matches_float32_on_mnist1d(
     assert scores["float32"] > (0.03 if regression else 0.2)
 
 
+def test_bfloat16_gru_gradient_keeps_float32_accumulations(mnist1d):
+    """The bf16 GRU's gradient on 512 MNIST-1D examples (40 steps) is within 0.5% of
+    float32's (relative L2; measured 0.31%), at the same params: its carry, gate
+    sums and matmul accumulations are float32. (With a bf16 carry and bf16 input
+    projections it was 0.83%.)"""
+    x, y = jnp.asarray(mnist1d.x_train[:512]), jnp.asarray(mnist1d.y_train[:512])
+    params = models.rnn("gru", 32, num_classes=10).init(jax.random.key(0), (40, 1))
+
+    def gradient(dtype):
+        model = models.rnn("gru", 32, num_classes=10, dtype=dtype)
+
+        def loss(params):
+            log_p = jax.nn.log_softmax(model.apply(params, x))
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
+
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(jax.grad(loss)(params))])
+
+    g32, g16 = gradient("float32"), gradient("bfloat16")
+    assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 0.005
+
+
 # ------------------------------------------------------------------- unroll
 
 
