@@ -15,6 +15,12 @@ A global batch whose size is not a multiple of the device count is padded
 with copies of its first row that carry mask 0, so the loss, gradients and
 metrics equal the unpadded ones (`pad_batch`).
 
+Fused epochs (`fused=True`) never copy the data set to every device: each
+epoch's batches are drawn on the host (`fml.batching`, the same batches as one
+device), gathered there in batch order, and each device is given only its
+columns of every batch, `[steps, batch / devices, ...]`, so it holds 1 / devices
+of the data (`fml.runners.GatheredRunner`).
+
 Many processes (hosts) join through `initialize`, a wrapper of
 `jax.distributed.initialize` that reads its settings from arguments or the
 environment of SLURM, Kubernetes (Kubeflow) and TPU pods, uses gloo collectives
@@ -32,6 +38,7 @@ Example:
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -51,10 +58,12 @@ from jax.sharding import PartitionSpec as P
 from fml import batching
 from fml.data import ArraySource, BatchStream
 from fml.errors import ConfigError, DistributedError, ShapeError, unknown
-from fml.runners import FusedRunner, HostRunner
-from fml.step import make_epoch, make_steps
+from fml.runners import GatheredRunner, HostRunner
+from fml.step import make_batch_scan
 
 AXIS = "data"
+# An epoch's batches `[steps, batch, ...]`, each device holding its columns of each.
+EPOCH_BATCHES = P(None, AXIS)
 LAUNCHERS = ("shard_map", "pmap")
 
 
@@ -220,20 +229,6 @@ def _shard_map(f: Callable, mesh: Mesh, in_specs) -> Callable:
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
 
 
-def replica_step(train_step: Callable, replicas: int) -> Callable:
-    """`train_step` on this replica's `1 / replicas` of a global batch (padded with
-    mask 0 to a multiple), for scans where every replica draws the same batches."""
-
-    def own_rows(state, batch):
-        batch = pad_batch(batch, replicas)
-        rows = batch["mask"].shape[0] // replicas
-        start = jax.lax.axis_index(AXIS) * rows
-        own = {k: jax.lax.dynamic_slice_in_dim(v, start, rows) for k, v in batch.items()}
-        return train_step(state, own)
-
-    return own_rows
-
-
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """One per-replica step launched over a data mesh.
@@ -254,9 +249,14 @@ class DataParallel:
     def num_replicas(self) -> int:
         return self.mesh.size
 
+    @property
+    def platform(self) -> str:
+        """The mesh's platform: "cpu", "gpu", "tpu"."""
+        return self.mesh.devices.flat[0].platform
+
     def replicate(self, tree):
-        """A copy on every device of a tree every replica reads whole: the state,
-        the data and key of a fused epoch (replicated, or stacked for pmap)."""
+        """A copy on every device of a tree every replica reads whole, the state
+        (replicated, or stacked for pmap)."""
         return _on_every_device(tree, self.mesh, stacked=self.stacked)
 
     def local(self, tree):
@@ -277,52 +277,63 @@ class DataParallel:
         launch = pmap_step if self.stacked else shard_map_step
         return launch(train_step, self.mesh)
 
-    def compile(self, fn: Callable, num_args: int) -> Callable:
-        """`fn` run per replica on arguments every replica reads whole (state first,
-        donated): pmapped, or jitted `shard_map` with every input replicated."""
+    def compile(self, fn: Callable, in_specs: tuple) -> Callable:
+        """`fn` run per replica, its first argument (the state, donated) replicated
+        and the others laid out by `in_specs`: pmapped over their leading axis, or
+        jitted `shard_map` with these specs."""
         if self.stacked:
             return jax.pmap(
                 fn, axis_name=AXIS, devices=list(self.mesh.devices.flat), donate_argnums=0
             )
-        return jax.jit(_shard_map(fn, self.mesh, (P(),) * num_args), donate_argnums=0)
+        return jax.jit(_shard_map(fn, self.mesh, in_specs), donate_argnums=0)
 
-    def epoch(
-        self,
-        train_step: Callable,
-        *,
-        batch_size: int,
-        drop_remainder: bool = False,
-        shuffle: bool = True,
-    ):
-        """A fused epoch `epoch(state, x, y, key) -> (state, metrics)` over replicated
-        arrays: every replica draws the same batches and trains on its rows of each."""
-        per_replica = replica_step(train_step, self.num_replicas)
-        epoch = make_epoch(
-            per_replica, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
-        )
-        return self.compile(epoch, 4)
+    def full_batch(self, iterations: Callable) -> Callable:
+        """`iterations(state, x, y, mask, num, tol, *, capacity)` (a per-replica
+        `make_full_batch_iterations`) run per replica on its rows of the data (placed
+        with `put_batch`), compiled once per `capacity`."""
+        compiled = {}
+        specs = (P(), P(AXIS), P(AXIS), P(AXIS), P(), P())
+
+        def run(*args, capacity: int):
+            if capacity not in compiled:
+                fn = functools.partial(iterations, capacity=capacity)
+                compiled[capacity] = self.compile(fn, specs)
+            return compiled[capacity](*args)
+
+        return run
+
+    def put_epoch_batches(self, batches: tuple) -> tuple:
+        """This process's columns of an epoch's batches, `[S, b, ...]` arrays with `b`
+        a multiple of its device count, placed so that each device holds only its
+        own `b / local devices` columns: global `[S, B, ...]` arrays sharded on axis
+        1, or for pmap this process's `[local devices, S, b / local devices, ...]`."""
+        num_local = len(self.mesh.local_devices)
+
+        def place(a):
+            a = np.asarray(a)
+            steps, columns = a.shape[:2]
+            if self.stacked:
+                a = a.reshape(steps, num_local, columns // num_local, *a.shape[2:])
+                sharding = NamedSharding(local_mesh(self.mesh), P(AXIS))
+                return jax.device_put(np.moveaxis(a, 1, 0), sharding)
+            sharding = NamedSharding(self.mesh, EPOCH_BATCHES)
+            global_shape = (steps, columns * jax.process_count(), *a.shape[2:])
+            return jax.make_array_from_process_local_data(sharding, a, global_shape)
+
+        return tuple(place(a) for a in batches)
 
     def put_local_batch(self, batch: Mapping) -> dict:
         """This process's rows of a global batch (its columns, `fml.batching`), placed
         on its devices as part of the global array."""
         return shard_batch(batch, self.mesh, stacked=self.stacked)
 
-    def programs(
-        self,
-        train_step: Callable,
-        *,
-        fused: bool,
-        batch_size: int = 0,
-        drop_remainder: bool = False,
-        shuffle: bool = True,
-    ) -> tuple:
+    def programs(self, train_step: Callable, *, fused: bool) -> tuple:
         """The compiled per-replica programs a runner takes: `(step,)` host-fed (its
-        dispatch bounded for pmap on XLA:CPU), `(epoch, steps)` fused."""
+        dispatch bounded for pmap on XLA:CPU), `(scan,)` fused: the epoch's
+        batches scanned per replica over its columns of each (`make_batch_scan`)."""
         if fused:
-            epoch = self.epoch(
-                train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
-            )
-            return epoch, self.compile(make_steps(replica_step(train_step, self.num_replicas)), 5)
+            specs = (P(), EPOCH_BATCHES, EPOCH_BATCHES, EPOCH_BATCHES)
+            return (self.compile(make_batch_scan(train_step), specs),)
         step = self.step(train_step)
         if self.stacked and self.mesh.devices.flat[0].platform == "cpu":
             step = bounded_dispatch(step)  # else XLA:CPU may abort (see PMAP_IN_FLIGHT)
@@ -351,24 +362,26 @@ class DataParallel:
 
     def fused_runner(
         self, programs: tuple, x, y, *, seed, batch_size, drop_remainder, shuffle
-    ) -> FusedRunner:
-        """Fused epochs (`programs(..., fused=True)`) over `(x, y)` replicated on every
-        device; every replica draws the same batches (`fml.batching`) and trains on its
-        rows of each."""
-        run_epoch, run_steps = programs
-        x_dev, y_dev = self.replicate((x, y))
-        return FusedRunner(
-            run_epoch,
-            run_steps,
-            x_dev,
-            y_dev,
+    ) -> GatheredRunner:
+        """Fused epochs (`programs(..., fused=True)`) over `(x, y)` (the same arrays on
+        every process, kept on the host): each epoch's global batches are those of
+        `fml.batching`; each process gathers its columns of them and each device
+        receives only its own (`put_epoch_batches`)."""
+        (run_batches,) = programs
+        return GatheredRunner(
+            run_batches,
+            np.asarray(x),
+            np.asarray(y),
             num_examples=x.shape[0],
             batch_size=batching.batch_rows(x.shape[0], batch_size),
             drop_remainder=drop_remainder,
             shuffle=shuffle,
             seed=seed,
-            place=self.replicate,
+            put=self.put_epoch_batches,
             local=self.local,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            columns_multiple=len(self.mesh.local_devices),
         )
 
 
@@ -526,6 +539,24 @@ def _positive_seconds(value, name: str) -> float:
     return float(value)
 
 
+def _device_ids(ids) -> list[int] | None:
+    """`ids` as a list of distinct non-negative ints (None stays None), else `ConfigError`."""
+    if ids is None:
+        return None
+    given = ids
+    ids = list(ids) if isinstance(ids, Sequence | np.ndarray) and not isinstance(ids, str) else []
+    if (
+        not ids
+        or any(isinstance(i, bool) or not isinstance(i, int | np.integer) or i < 0 for i in ids)
+        or len(set(ids)) != len(ids)
+    ):
+        raise ConfigError(
+            "expected local_device_ids as distinct non-negative ints (e.g. range(4)), "
+            f"got {given!r}"
+        )
+    return [int(i) for i in ids]
+
+
 def _kv_client():
     """JAX's distributed key-value store client (`jax.experimental.multihost_utils`
     reaches it the same way; JAX has no public accessor)."""
@@ -614,7 +645,12 @@ def initialize(
         `heartbeat_timeout_seconds`, whole seconds, at least 1).
       shutdown_timeout_s: how long `jax.distributed.shutdown` waits at the end
         of a run for every process to reach it (JAX's `shutdown_timeout_seconds`).
-      local_device_ids: restricts this process to these local devices (GPUs).
+      local_device_ids: the local devices (GPU ordinals) this process drives,
+        e.g. `range(4)` for a SLURM task that holds 4 GPUs. None: JAX's default,
+        which under SLURM is one GPU per task, number `SLURM_LOCALID` (right for
+        one task per GPU; a task with several would drive only one of them),
+        unless `JAX_LOCAL_DEVICE_IDS` ("0,1,2,3") is set. A one-process run
+        ignores it (it uses every visible device; set `CUDA_VISIBLE_DEVICES`).
 
     Returns:
       the `Cluster` joined.
@@ -632,6 +668,7 @@ def initialize(
     timeout_s = _positive_seconds(timeout_s, "timeout_s")
     heartbeat_timeout_s = _positive_seconds(heartbeat_timeout_s, "heartbeat_timeout_s")
     shutdown_timeout_s = _positive_seconds(shutdown_timeout_s, "shutdown_timeout_s")
+    local_device_ids = _device_ids(local_device_ids)
     cluster = cluster_from_environment(coordinator_address, num_processes, process_id)
     if cluster.num_processes == 1:
         return cluster

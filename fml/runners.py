@@ -13,6 +13,9 @@ the same steps as one call.
 - `HostRunner`: jitted steps fed batch by batch from a stream (arrays in
   memory or a source on disk), prefetched and placed by the stream.
 - `FusedRunner`: the data on the device, each epoch one `lax.scan` program.
+- `GatheredRunner`: each epoch's batches gathered on the host in batch order and
+  placed (for data parallelism, each device only its rows of every batch), each
+  epoch one `lax.scan` program.
 - `FullBatchRunner`: full-batch iterations (lbfgs) in one `lax.while_loop`.
 
 `fml.parallel` builds the same runners around per-replica programs.
@@ -83,8 +86,27 @@ class HostRunner:
         return state, jax.device_get(jax.tree.map(lambda *v: jnp.stack(v), *per_step))
 
 
+@dataclasses.dataclass(kw_only=True)
+class EpochOrder:
+    """The batch order of a runner that draws its batches from `fml.batching`.
+
+    Attributes:
+      num_examples, batch_size, drop_remainder, shuffle, seed: as `fml.batching`'s.
+    """
+
+    num_examples: int
+    batch_size: int
+    drop_remainder: bool
+    shuffle: bool
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return batching.steps_per_epoch(self.num_examples, self.batch_size, self.drop_remainder)
+
+
 @dataclasses.dataclass
-class FusedRunner:
+class FusedRunner(EpochOrder):
     """Epochs over on-device `(x, y)` as one program each (`make_epoch`); a part of
     an epoch as one scan over its batches (`make_steps`).
 
@@ -92,9 +114,7 @@ class FusedRunner:
       run_epoch: the compiled `epoch(state, x, y, key) -> (state, metrics)`.
       run_steps: the compiled `steps(state, x, y, index_SxB, mask_SxB)`.
       x, y: the training data, placed for the programs.
-      num_examples, batch_size, drop_remainder, shuffle, seed: the batch order.
-      place: places a key or a plan for the programs (replicates it for data
-        parallelism).
+      place: places a key or a plan for the programs.
       local: this process's view of the returned metrics.
     """
 
@@ -102,19 +122,10 @@ class FusedRunner:
     run_steps: Callable
     x: Any
     y: Any
-    num_examples: int
-    batch_size: int
-    drop_remainder: bool
-    shuffle: bool
-    seed: int
     place: Callable = _identity
     local: Callable = _identity
     _plans: dict = dataclasses.field(default_factory=dict, repr=False)
     fused = True
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return batching.steps_per_epoch(self.num_examples, self.batch_size, self.drop_remainder)
 
     def _plan(self, epoch: int):
         """The epoch's `(index_SxB, mask_SxB)` on the host (the last one is kept)."""
@@ -140,23 +151,85 @@ class FusedRunner:
 
 
 @dataclasses.dataclass
+class GatheredRunner(EpochOrder):
+    """Epochs whose batches `fml.batching` draws on the host, gathered there from
+    `(x, y)` in batch order, placed by `put` and run as one program each
+    (`make_batch_scan`). The devices hold one epoch's batches at a time, never
+    the whole data set: under data parallelism each device holds only its columns
+    of every batch (1 / devices of the data), at the cost of one host-to-device
+    copy of the data per epoch.
+
+    As `make_epoch`, a batch that holds every example is taken unshuffled.
+
+    Attributes:
+      run_batches: the compiled `scan(state, x_SxB, y_SxB, mask_SxB)`.
+      x, y: the training data on the host.
+      put: places this process's `(x_SxB, y_SxB, mask_SxB)` for `run_batches`.
+      local: this process's view of the returned metrics.
+      process_index, process_count: which columns of every global batch this
+        process gathers (`fml.batching.process_columns`).
+      columns_multiple: this process's columns are padded (index 0, mask 0) to a
+        multiple of it (its device count).
+    """
+
+    run_batches: Callable
+    x: Any
+    y: Any
+    put: Callable = _identity
+    local: Callable = _identity
+    process_index: int = 0
+    process_count: int = 1
+    columns_multiple: int = 1
+    fused = True
+
+    def batches(self, epoch: int, begin: int, end: int):
+        """Steps `begin..end-1` of `epoch`: this process's columns of their batches, placed."""
+        index_SxB, mask_SxB = batching.epoch_plan(
+            self.seed,
+            epoch,
+            self.num_examples,
+            self.batch_size,
+            drop_remainder=self.drop_remainder,
+            shuffle=self.shuffle and self.num_examples > self.batch_size,
+            begin=begin,
+            end=end,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+        index_SxB, mask_SxB = batching.pad_columns(index_SxB, mask_SxB, self.columns_multiple)
+        return self.put((self.x[index_SxB], self.y[index_SxB], mask_SxB))
+
+    def run(self, state, from_step: int, to_step: int):
+        chunks = []
+        for epoch, begin, end in epoch_segments(from_step, to_step, self.steps_per_epoch):
+            state, metrics = self.run_batches(state, *self.batches(epoch, begin, end))
+            chunks.append(jax.device_get(self.local(metrics)))
+        return state, stack_metrics(chunks)
+
+
+@dataclasses.dataclass
 class FullBatchRunner:
     """Full-batch steps (one per epoch) on the whole of on-device `(x, y)`, as many
     as asked in one `lax.while_loop` program, stopping early at `tol`.
 
     Attributes:
       iterations: the compiled `make_full_batch_iterations` program.
-      x, y: the training data on the device.
+      x, y, mask: the training data on the device (for data parallelism, each
+        device its rows; padding rows have mask 0).
       tol: stop once no gradient entry exceeds it (None: never).
+      place: places the iteration count and `tol` for the program.
+      local: this process's view of a tree the program returned.
     """
 
     iterations: Callable
     x: Any
     y: Any
+    mask: Any
     tol: float | None = None
+    place: Callable = _identity
+    local: Callable = _identity
     steps_per_epoch = 1
     fused = True
-    local = staticmethod(_identity)
 
     def run(self, state, from_step: int, to_step: int):
         chunks, step = [], from_step
@@ -164,15 +237,11 @@ class FullBatchRunner:
         while step < to_step:
             num = min(to_step - step, MAX_ITERATIONS_PER_PROGRAM)
             capacity = min(1 << (num - 1).bit_length(), MAX_ITERATIONS_PER_PROGRAM)
+            limits = self.place((jnp.asarray(num, jnp.int32), jnp.asarray(tol, jnp.float32)))
             state, buffers, ran, converged = self.iterations(
-                state,
-                self.x,
-                self.y,
-                jnp.asarray(num, jnp.int32),
-                jnp.asarray(tol, jnp.float32),
-                capacity=capacity,
+                state, self.x, self.y, self.mask, *limits, capacity=capacity
             )
-            ran, converged, buffers = jax.device_get((ran, converged, buffers))
+            ran, converged, buffers = jax.device_get(self.local((ran, converged, buffers)))
             chunks.append({k: v[:ran] for k, v in buffers.items()})
             step += int(ran)
             if converged:

@@ -152,10 +152,39 @@ def _batch_sums(model: Model, objective: Objective, params, batch, key, train: b
     return sums
 
 
-def _objective_value(model: Model, objective: Objective, params, batch, hparams, reduce=None):
-    """The full objective at `params` on `batch` (no dropout): mean loss + l2 penalty."""
-    sums = _batch_sums(model, objective, params, batch, None, train=False)
-    return _value_of_sums(reduce(sums) if reduce else sums, params, hparams)
+def summed_over_replicas(fn: Callable, axis_name: str) -> Callable:
+    """`params -> psum(fn(params))` over `axis_name`, whose gradient is the psum of
+    every replica's: the global sum's. (Under `shard_map(check_vma=False)`, the
+    launchers' mode, a plain psum's gradient is this replica's term alone.)"""
+
+    @jax.custom_vjp
+    def summed(params):
+        return jax.lax.psum(fn(params), axis_name)
+
+    def forward(params):
+        value, pullback = jax.vjp(fn, params)
+        return jax.lax.psum(value, axis_name), pullback
+
+    def backward(pullback, cotangent):
+        (grads,) = pullback(cotangent)
+        return (jax.lax.psum(grads, axis_name),)
+
+    summed.defvjp(forward, backward)
+    return summed
+
+
+def _objective_value(
+    model: Model, objective: Objective, params, batch, hparams, axis_name: str | None = None
+):
+    """The full objective at `params` on `batch` (no dropout): mean loss + l2 penalty;
+    with `axis_name`, on the global batch whose rows the replicas hold."""
+
+    def sums_of(params):
+        return _batch_sums(model, objective, params, batch, None, train=False)
+
+    if axis_name is not None:
+        sums_of = summed_over_replicas(sums_of, axis_name)
+    return _value_of_sums(sums_of(params), params, hparams)
 
 
 def _value_of_sums(sums, params, hparams):
@@ -192,7 +221,7 @@ def make_train_step(
         sums = _batch_sums(model, objective, params, batch, key, train=True)
         return sums["loss"] / jnp.maximum(reduce(sums["count"]), 1.0), sums
 
-    objective_value = functools.partial(_objective_value, model, objective, reduce=reduce)
+    objective_value = functools.partial(_objective_value, model, objective, axis_name=axis_name)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
@@ -242,6 +271,25 @@ def make_steps(train_step):
     return steps
 
 
+def make_batch_scan(train_step):
+    """Steps over batches gathered beforehand, in order, as one program:
+    `scan(state, x_SxB, y_SxB, mask_SxB) -> (state, metrics)`.
+
+    `lax.scan`s `train_step` over step `s`'s batch `{"x": x_SxB[s], "y":
+    y_SxB[s], "mask": mask_SxB[s]}`; per-step metrics come back stacked `[S]`.
+    Data-parallel fused epochs run it per replica on its columns of each batch.
+    """
+
+    def scan(state, x_SxB, y_SxB, mask_SxB):
+        def body(state, batch):
+            x_B, y_B, mask_B = batch
+            return train_step(state, {"x": x_B, "y": y_B, "mask": mask_B})
+
+        return jax.lax.scan(body, state, (x_SxB, y_SxB, mask_SxB))
+
+    return scan
+
+
 def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False, shuffle: bool = True):
     """One epoch as one program: `epoch(state, x, y, key) -> (state, metrics)`.
 
@@ -267,12 +315,14 @@ def make_epoch(train_step, *, batch_size: int, drop_remainder: bool = False, shu
 MAX_ITERATIONS_PER_PROGRAM = 1024
 
 
-def make_full_batch_iterations(model: Model, objective: Objective, optimizer, train_step):
+def make_full_batch_iterations(
+    model: Model, objective: Objective, optimizer, train_step, *, axis_name: str | None = None
+):
     """Full-batch iterations (lbfgs) as one program:
-    `iterations(state, x, y, num, tol, *, capacity) -> (state, metrics, ran, converged)`.
+    `iterations(state, x, y, mask, num, tol, *, capacity) -> (state, metrics, ran, converged)`.
 
     A `lax.while_loop` takes up to `num <= capacity` steps on the whole of `(x, y)`
-    and stops early once the gradient at the new params (the one the line search
+    (the rows of mask 1) and stops early once the gradient at the new params (the one the line search
     stored) has no entry above `tol` in absolute value (`tol < 0`: never). Per-step
     metrics come back in `[capacity]` buffers whose first `ran` entries are real.
 
@@ -280,14 +330,25 @@ def make_full_batch_iterations(model: Model, objective: Objective, optimizer, tr
     a step's gradient is the line search's from the step before (the first step of
     a call computes it), and only a forward pass is added for the metrics: the
     same iterates as `train_step`'s, for about half the work.
+
+    With `axis_name` (and `train_step` made with it), it runs per replica on its
+    rows: values, gradients and sums are those of the global batch, the same on
+    every replica, so every replica takes the same steps and stops together.
     """
     reuse_grad = models_lib.is_deterministic(model.spec)
 
     def reusing_step(state: TrainState, batch, fresh):
         value_fn = functools.partial(
-            _objective_value, model, objective, batch=batch, hparams=state.hparams
+            _objective_value,
+            model,
+            objective,
+            batch=batch,
+            hparams=state.hparams,
+            axis_name=axis_name,
         )
         sums = _batch_sums(model, objective, state.params, batch, None, train=False)
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
         count = jnp.maximum(sums["count"], 1.0)
         value = _value_of_sums(sums, state.params, state.hparams)
         grads = jax.lax.cond(
@@ -310,8 +371,8 @@ def make_full_batch_iterations(model: Model, objective: Objective, optimizer, tr
             return reusing_step(state, batch, fresh)
         return train_step(state, batch)
 
-    def iterations(state, x, y, num, tol, *, capacity: int):
-        batch = {"x": x, "y": y, "mask": jnp.ones((x.shape[0],), jnp.float32)}
+    def iterations(state, x, y, mask, num, tol, *, capacity: int):
+        batch = {"x": x, "y": y, "mask": mask}
         shapes = jax.eval_shape(step, state, batch, True)[1]
         buffers = jax.tree.map(lambda m: jnp.zeros((capacity, *m.shape), m.dtype), shapes)
 

@@ -99,17 +99,17 @@ def _programs(
         objective = make_objective(model, loss, task)
         axis = parallel_lib.AXIS if dp is not None else None
         train_step = make_train_step(model, objective, tx, axis_name=axis, penalize=penalize)
-        if dp is not None:
-            programs = dp.programs(
-                train_step,
-                fused=kind == "fused",
-                batch_size=batch_size,
-                drop_remainder=drop_remainder,
-                shuffle=shuffle,
+        if kind == "full_batch":
+            iterations = make_full_batch_iterations(
+                model, objective, tx, train_step, axis_name=axis
             )
-        elif kind == "full_batch":
-            iterations = make_full_batch_iterations(model, objective, tx, train_step)
-            programs = (jax.jit(iterations, static_argnames="capacity", donate_argnums=0),)
+            programs = (
+                dp.full_batch(iterations)
+                if dp is not None
+                else jax.jit(iterations, static_argnames="capacity", donate_argnums=0),
+            )
+        elif dp is not None:
+            programs = dp.programs(train_step, fused=kind == "fused")
         elif kind == "fused":
             epoch = make_epoch(
                 train_step, batch_size=batch_size, drop_remainder=drop_remainder, shuffle=shuffle
@@ -125,6 +125,11 @@ def _programs(
                 _COMPILED.pop(next(iter(_COMPILED)))
             _COMPILED[key] = programs
     return programs
+
+
+# The platform whose collectives deadlock in full-batch (lbfgs) iterations under data
+# parallelism: an all-reduce inside the line search's while loop, on XLA:CPU.
+FULL_BATCH_DEADLOCKS_ON = "cpu"
 
 
 class Plan(NamedTuple):
@@ -149,16 +154,27 @@ def _runner(model, objective, tx, settings, splits: inputs.Splits, plan: Plan, d
             "as arrays for those"
         )
     if plan.full_batch:
-        if dp is not None:
-            # its line search's psums inside a while loop deadlock XLA's CPU collectives
+        if dp is not None and dp.platform == FULL_BATCH_DEADLOCKS_ON:
             raise ConfigError(
-                "the optimizer is full-batch (its line search's collectives deadlock XLA:CPU "
-                "under data parallelism): fit it with parallel=None"
+                f"the optimizer is full-batch: under data parallelism on {dp.platform!r} "
+                "devices its line search's collectives, inside a while loop, deadlock "
+                "XLA:CPU; fit it with parallel=None there (GPUs and TPUs run it parallel)"
             )
         (iterations,) = _programs(
-            model, settings, "full_batch", batch_size=None, drop_remainder=False, shuffle=False
+            model,
+            settings,
+            "full_batch",
+            batch_size=None,
+            drop_remainder=False,
+            shuffle=False,
+            dp=dp,
         )
-        return FullBatchRunner(iterations, jax.device_put(x), jax.device_put(y), plan.tol)
+        mask = np.ones((x.shape[0],), np.float32)
+        if dp is not None:
+            batch = dp.put_batch({"x": x, "y": y, "mask": mask})
+            data = (batch["x"], batch["y"], batch["mask"])
+            return FullBatchRunner(iterations, *data, plan.tol, place=dp.replicate, local=dp.local)
+        return FullBatchRunner(iterations, *jax.device_put((x, y, mask)), plan.tol)
     order = {"seed": plan.seed, "drop_remainder": plan.drop_remainder, "shuffle": plan.shuffle}
     if dp is not None:
         kind = "fused" if plan.fused else "step"

@@ -68,11 +68,17 @@ def _train(family, parallel, fused, batch_size, devices):
     return jax.device_get(state.params)
 
 
-MULTIHOST_CASES = [
-    ("mlp", "shard_map"),
-    ("lstm", "shard_map"),
-    ("mlp", "pmap"),
+MULTIHOST_CASES = [  # (family, launcher, fused)
+    ("mlp", "shard_map", False),
+    ("lstm", "shard_map", False),
+    ("mlp", "pmap", False),
+    ("mlp", "shard_map", True),
+    ("mlp", "pmap", True),
 ]
+
+
+def case_name(family: str, launcher: str, fused: bool) -> str:
+    return f"{family}_{launcher}{'_fused' if fused else ''}"
 
 
 def main(port, num_processes, process_id, local_devices, out_dir, timeout_s="30"):
@@ -88,10 +94,10 @@ def main(port, num_processes, process_id, local_devices, out_dir, timeout_s="30"
     except fml.FmlError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 3
-    for family, launcher in MULTIHOST_CASES:
-        params = train(family, launcher)
+    for family, launcher, fused in MULTIHOST_CASES:
+        params = train(family, launcher, fused)
         rundir.save_run(
-            os.path.join(out_dir, f"{family}_{launcher}"),
+            os.path.join(out_dir, case_name(family, launcher, fused)),
             model=families()[family],
             params=params,
             config={"input_shape": list(data()[0].shape[1:]), "process": int(process_id)},

@@ -180,10 +180,14 @@ def test_half_precision_data_is_accepted(name, dtype):
     assert np.isfinite(history["train_loss"][-1])
 
 
-# Test-accuracy points bf16 may lose against float32. The GRU, 12 epochs into a
-# climb that ends near 91%, loses 1.5 points at seeds 0 and 1 (60.6 -> 59.1,
-# 57.8 -> 56.3), where float32 itself moves 2.8 points from seed 0 to seed 1.
-POINTS = {"rnn": 0.02}
+# bf16 may lose at most 1 test-accuracy point against float32 at the same seed,
+# for every family. The GRU has no systematic loss left: its carry, gate sums and
+# matmul accumulations are float32 (only the matmul operands are bf16), and over
+# seeds 0-7 at this budget bf16 - float32 is +0.5 +0.2 +1.0 -0.4 +0.4 +0.7 -0.9
+# -1.7 points (mean -0.03): the trajectories part ways as two float32 runs of
+# different seeds do (their accuracies spread 2.3 points, s.d.). Rounding the
+# params to bf16 moves the trained GRU's logits 4% (max, relative); rounding its
+# state before the recurrent matmul, nothing measurable.
 
 
 def _mnist1d_cases():
@@ -241,9 +245,30 @@ def test_bfloat16_training_matches_float32_on_mnist1d(
         metrics = fml.evaluate(model, state.params, d.x_test, y_test, task=task)
         scores[dtype] = metrics["r2" if regression else "accuracy"]
     print(f"{name}: float32 {scores['float32']:.4f}, bfloat16 {scores['bfloat16']:.4f}")
-    assert scores["bfloat16"] >= scores["float32"] - POINTS.get(name, 0.01)
+    assert scores["bfloat16"] >= scores["float32"] - 0.01
     # It learned something: chance is 0.1 accuracy; the least-squares R² is 0.079.
     assert scores["float32"] > (0.03 if regression else 0.2)
+
+
+def test_bfloat16_gru_gradient_keeps_float32_accumulations(mnist1d):
+    """The bf16 GRU's gradient on 512 MNIST-1D examples (40 steps) is within 0.5% of
+    float32's (relative L2; measured 0.31%), at the same params: its carry, gate
+    sums and matmul accumulations are float32. (With a bf16 carry and bf16 input
+    projections it was 0.83%.)"""
+    x, y = jnp.asarray(mnist1d.x_train[:512]), jnp.asarray(mnist1d.y_train[:512])
+    params = models.rnn("gru", 32, num_classes=10).init(jax.random.key(0), (40, 1))
+
+    def gradient(dtype):
+        model = models.rnn("gru", 32, num_classes=10, dtype=dtype)
+
+        def loss(params):
+            log_p = jax.nn.log_softmax(model.apply(params, x))
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
+
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(jax.grad(loss)(params))])
+
+    g32, g16 = gradient("float32"), gradient("bfloat16")
+    assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 0.005
 
 
 # ------------------------------------------------------------------- unroll

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from parallel_cases import MULTIHOST_CASES, train
+from parallel_cases import MULTIHOST_CASES, case_name, train
 
 from fml import rundir
 
@@ -83,10 +83,12 @@ def two_processes(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family,launcher", MULTIHOST_CASES)
-def test_two_processes_match_one_process(two_processes, family, launcher, record_property):
-    params = rundir.load_params(two_processes / "process0" / f"{family}_{launcher}" / "params.npz")
-    one_process = train(family, launcher)  # 8 devices in this process
+@pytest.mark.parametrize("family,launcher,fused", MULTIHOST_CASES)
+def test_two_processes_match_one_process(two_processes, family, launcher, fused, record_property):
+    """Host-fed and fused (each process gathering its columns of every batch)."""
+    run = two_processes / "process0" / case_name(family, launcher, fused)
+    params = rundir.load_params(run / "params.npz")
+    one_process = train(family, launcher, fused)  # 8 devices in this process
     diffs = [np.max(np.abs(params[k][p] - v)) for k in params for p, v in one_process[k].items()]
     record_property("max_abs_diff", float(max(diffs)))
     assert max(diffs) <= TOLERANCE
