@@ -102,6 +102,9 @@ class Recipe(NamedTuple):
         regression).
       optimizer, learning_rate, epochs, batch_size: `fml.fit`'s arguments.
       weight_decay: decoupled weight decay (for optimizer "adamw"), or None.
+      schedule: the learning rate's schedule over the run by name
+        (`fml.step.SCHEDULES`, e.g. "cosine": decayed to 0 by the last step), or
+        None for a constant rate.
     """
 
     build: Callable[[tuple, int], Model]
@@ -110,6 +113,7 @@ class Recipe(NamedTuple):
     epochs: int
     batch_size: int
     weight_decay: float | None = None
+    schedule: str | None = None
 
 
 def _sequence_rnn(cell: str, hidden: int) -> Callable[[tuple, int], Model]:
