@@ -45,6 +45,7 @@ CONFIG_KEYS = (
     "learning_rate",
     "weight_decay",
     "schedule",
+    "clip_norm",
     "seed",
     "validation",
     "fallback",
@@ -117,6 +118,7 @@ def make_config(family: str, dataset: str, **overrides) -> dict:
         "learning_rate": recipe.learning_rate,
         "weight_decay": recipe.weight_decay,
         "schedule": recipe.schedule,
+        "clip_norm": recipe.clip_norm,
         "seed": 0,
         "validation": 0.1,
         "fallback": None,
@@ -167,13 +169,15 @@ _NAME_PARTS = {
     "batch_size": "bs{}",
     "weight_decay": "wd{:g}",
     "schedule": "{}",
+    "clip_norm": "clip{:g}",
 }
 
 
 def run_name(config: dict) -> str:
     """The default run directory name: family, RNN cell, the data set used (and the
     one asked for, when a fallback stood in), every setting that differs from the
-    recipe's (optimizer, learning rate, batch size, weight decay, validation) and
+    recipe's (optimizer, learning rate, batch size, weight decay, schedule, gradient
+    clipping, validation) and
     the seed; not the epochs, so that `--resume` with more epochs finds the run.
 
     Example: `rnn-lstm-mnist1d-lr0.01-seed3`, `mlp-digits-for-mnist-seed0`.
@@ -263,6 +267,7 @@ def _train(config: dict, dataset, model, workdir, *, checkpoint: bool, resume: b
         dataset,
         optimizer=config["optimizer"],
         learning_rate=learning_rate(config, len(dataset.x_train)),
+        clip_norm=config.get("clip_norm"),
         epochs=config["epochs"],
         batch_size=config["batch_size"],
         seed=config["seed"],

@@ -159,3 +159,25 @@ def test_cosine_schedule_reaches_the_run_and_decays_to_zero(tmp_path):
     assert result.test == json.loads((run / "history.json").read_text())["test"]
     with pytest.raises(UnknownNameError, match="learning-rate schedule 'step'"):
         experiment.learning_rate({**config, "schedule": "step"}, 108)
+
+
+class _Fitted(Exception):
+    """Raised by a stand-in `fit`, carrying the keyword arguments it was given."""
+
+
+def _record_fit(*args, **kwargs):
+    raise _Fitted(kwargs)
+
+
+def test_clip_norm_reaches_fit_and_names_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "fit", _record_fit)
+    argv = ["train", "mlp", "--dataset", "iris", "--clip-norm", "0.5", "--out", str(tmp_path)]
+    with pytest.raises(_Fitted) as fitted:
+        cli.main(argv)
+    assert fitted.value.args[0]["clip_norm"] == 0.5
+    config = experiment.make_config("mlp", "iris", clip_norm=0.5)
+    assert experiment.run_name(config) == "mlp-iris-clip0.5-seed0"
+    # The shuffled-sequence GRU recipe clips at 1 and decays its rate along a cosine.
+    recipe = experiment.make_config("rnn", "mnist1d_shuffled")
+    assert (recipe["clip_norm"], recipe["schedule"]) == (1.0, "cosine")
+    assert experiment.run_name(recipe) == "rnn-gru-mnist1d_shuffled-seed0"

@@ -23,6 +23,7 @@ OVERRIDES = {
     "lr": "learning_rate",
     "weight_decay": "weight_decay",
     "schedule": "schedule",
+    "clip_norm": "clip_norm",
     "seed": "seed",
     "validation": "validation",
     "fallback": "fallback",
@@ -50,6 +51,7 @@ def add_train(subparsers):
     p.add_argument(
         "--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine: decays to 0)"
     )
+    p.add_argument("--clip-norm", type=float, help="clip gradients to this global norm")
     p.add_argument("--seed", type=int)
     p.add_argument("--validation", type=float, help="held-out fraction of train (default 0.1)")
     p.add_argument(
