@@ -24,13 +24,14 @@ from typing import NamedTuple
 
 import jax
 
+from fml import batching, plots, rundir
 from fml import data as data_lib
-from fml import plots, rundir
 from fml import preprocessing as preprocessing_lib
 from fml.errors import CheckpointError, ConfigError, DataError
 from fml.inference import evaluate
 from fml.lock import run_lock
 from fml.models import default_loss, presets
+from fml.step import make_schedule
 from fml.train import fit
 
 # What a config holds; `make_config` fills the rest from the family's recipe.
@@ -43,6 +44,8 @@ CONFIG_KEYS = (
     "optimizer",
     "learning_rate",
     "weight_decay",
+    "schedule",
+    "clip_norm",
     "seed",
     "validation",
     "fallback",
@@ -114,6 +117,8 @@ def make_config(family: str, dataset: str, **overrides) -> dict:
         "optimizer": recipe.optimizer,
         "learning_rate": recipe.learning_rate,
         "weight_decay": recipe.weight_decay,
+        "schedule": recipe.schedule,
+        "clip_norm": recipe.clip_norm,
         "seed": 0,
         "validation": 0.1,
         "fallback": None,
@@ -163,13 +168,16 @@ _NAME_PARTS = {
     "learning_rate": "lr{:g}",
     "batch_size": "bs{}",
     "weight_decay": "wd{:g}",
+    "schedule": "{}",
+    "clip_norm": "clip{:g}",
 }
 
 
 def run_name(config: dict) -> str:
     """The default run directory name: family, RNN cell, the data set used (and the
     one asked for, when a fallback stood in), every setting that differs from the
-    recipe's (optimizer, learning rate, batch size, weight decay, validation) and
+    recipe's (optimizer, learning rate, batch size, weight decay, schedule, gradient
+    clipping, validation) and
     the seed; not the epochs, so that `--resume` with more epochs finds the run.
 
     Example: `rnn-lstm-mnist1d-lr0.01-seed3`, `mlp-digits-for-mnist-seed0`.
@@ -239,6 +247,15 @@ def train_and_evaluate(
         )
 
 
+def learning_rate(config: dict, num_train: int):
+    """The config's learning rate for `fit`: a float, or its schedule (config key
+    "schedule", `fml.step.make_schedule`) over the run's `epochs` of `num_train`
+    examples. A schedule spans the epochs the config asks for, so resuming a run
+    to more epochs stretches it from where it stands."""
+    steps = config["epochs"] * batching.steps_per_epoch(num_train, config["batch_size"])
+    return make_schedule(config.get("schedule"), config["learning_rate"], steps)
+
+
 def _train(config: dict, dataset, model, workdir, *, checkpoint: bool, resume: bool, quiet: bool):
     """Trains and writes the run in `workdir` (locked and prepared)."""
     used = config["dataset"]
@@ -249,7 +266,8 @@ def _train(config: dict, dataset, model, workdir, *, checkpoint: bool, resume: b
         model,
         dataset,
         optimizer=config["optimizer"],
-        learning_rate=config["learning_rate"],
+        learning_rate=learning_rate(config, len(dataset.x_train)),
+        clip_norm=config.get("clip_norm"),
         epochs=config["epochs"],
         batch_size=config["batch_size"],
         seed=config["seed"],

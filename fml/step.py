@@ -56,6 +56,8 @@ OPTIMIZERS: dict[str, Callable] = {
     "adagrad": optax.adagrad,
 }
 FULL_BATCH_OPTIMIZERS = ("lbfgs",)
+# Learning-rate schedules by name (`make_schedule`); None is "constant".
+SCHEDULES = ("constant", "cosine")
 
 
 class FullBatch(NamedTuple):
@@ -112,6 +114,29 @@ def make_optimizer(
         clip_norm = in_range(clip_norm, "clip_norm", 0.0, math.inf, closed="neither")
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return optax.with_extra_args_support(tx)
+
+
+def make_schedule(name: str | None, learning_rate: float, steps: int):
+    """The learning rate of a run of `steps` steps, by schedule name.
+
+    Args:
+      name: "constant" (or None): `learning_rate` throughout; "cosine": from
+        `learning_rate` at step 0 down to 0 at step `steps` along a half cosine
+        (`optax.cosine_decay_schedule`), so the last epoch takes small steps.
+      learning_rate: the peak (initial) learning rate.
+      steps: the run's optimizer steps (epochs times steps per epoch).
+
+    Returns:
+      a float or an optax schedule, for `fit`'s `learning_rate`.
+    """
+    if name is None or name == "constant":
+        return learning_rate
+    if name != "cosine":
+        raise unknown("learning-rate schedule", name, SCHEDULES)
+    in_range(learning_rate, "learning_rate", 0.0, math.inf, closed="neither")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"a cosine schedule needs a positive int of steps, got {steps!r}")
+    return optax.cosine_decay_schedule(learning_rate, steps)
 
 
 # ------------------------------------------------------------------ objective

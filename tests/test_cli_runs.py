@@ -2,10 +2,12 @@
 
 import csv
 import json
+import math
 
 import pytest
 
-from fml import cli, rundir
+from fml import cli, experiment, rundir
+from fml.errors import UnknownNameError
 
 LAYOUT = {
     "config.json", "spec.json", "preprocessing.json", "params.npz", "history.json",
@@ -131,3 +133,51 @@ def test_train_resume_continues_to_the_uninterrupted_params(tmp_path):
             np.testing.assert_array_equal(a[name], b[name])
     history = json.loads((resumed / "history.json").read_text())
     assert history["epoch"] == [0, 1, 2, 3, 4]
+
+
+def test_cosine_schedule_reaches_the_run_and_decays_to_zero(tmp_path):
+    run = _train(
+        tmp_path, "logistic_regression", "--dataset", "iris", "--epochs", "3",
+        "--batch-size", "16", "--lr", "0.02", "--schedule", "cosine", "--quiet",
+    )  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert config["schedule"] == "cosine" and experiment.run_name(config).endswith("cosine-seed0")
+    # 3 epochs of ceil(108 / 16) = 7 steps; the rate of step t is 0.01 (1 + cos(pi t / 21)).
+    steps = 3 * 7
+    schedule = experiment.learning_rate(config, 108)
+    for t in (0, 5, steps - 1, steps):
+        assert schedule(t) == pytest.approx(0.01 * (1 + math.cos(math.pi * t / steps)), abs=1e-9)
+    assert experiment.learning_rate({**config, "schedule": None}, 108) == 0.02
+    # The run took those 21 steps: its last one (t = 20) at the schedule's rate.
+    result = experiment.train_and_evaluate(
+        experiment.make_config(**{k: config[k] for k in experiment.CONFIG_KEYS}),
+        tmp_path / "again", quiet=True, log=lambda *_: None,
+    )  # fmt: skip
+    rate = result.state.opt_state.hyperparams["learning_rate"]
+    assert int(result.state.step) == steps
+    assert float(rate) == pytest.approx(0.01 * (1 + math.cos(math.pi * 20 / 21)), rel=1e-5)
+    assert result.test == json.loads((run / "history.json").read_text())["test"]
+    with pytest.raises(UnknownNameError, match="learning-rate schedule 'step'"):
+        experiment.learning_rate({**config, "schedule": "step"}, 108)
+
+
+class _Fitted(Exception):
+    """Raised by a stand-in `fit`, carrying the keyword arguments it was given."""
+
+
+def _record_fit(*args, **kwargs):
+    raise _Fitted(kwargs)
+
+
+def test_clip_norm_reaches_fit_and_names_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "fit", _record_fit)
+    argv = ["train", "mlp", "--dataset", "iris", "--clip-norm", "0.5", "--out", str(tmp_path)]
+    with pytest.raises(_Fitted) as fitted:
+        cli.main(argv)
+    assert fitted.value.args[0]["clip_norm"] == 0.5
+    config = experiment.make_config("mlp", "iris", clip_norm=0.5)
+    assert experiment.run_name(config) == "mlp-iris-clip0.5-seed0"
+    # The shuffled-sequence GRU recipe clips at 1 and decays its rate along a cosine.
+    recipe = experiment.make_config("rnn", "mnist1d_shuffled")
+    assert (recipe["clip_norm"], recipe["schedule"]) == (1.0, "cosine")
+    assert experiment.run_name(recipe) == "rnn-gru-mnist1d_shuffled-seed0"

@@ -10,6 +10,7 @@ from fml import predictor as predictor_lib
 from fml.cli import files
 from fml.errors import ConfigError
 from fml.models.presets import FAMILIES
+from fml.step import SCHEDULES
 
 # Command-line flag -> config key, for the settings `fml train` overrides.
 OVERRIDES = {
@@ -21,6 +22,8 @@ OVERRIDES = {
     "optimizer": "optimizer",
     "lr": "learning_rate",
     "weight_decay": "weight_decay",
+    "schedule": "schedule",
+    "clip_norm": "clip_norm",
     "seed": "seed",
     "validation": "validation",
     "fallback": "fallback",
@@ -45,6 +48,10 @@ def add_train(subparsers):
     p.add_argument("--optimizer", help="sgd, momentum, adam, adamw, lbfgs, ...")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--weight-decay", type=float, help="decoupled weight decay (with adamw)")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, help="learning-rate schedule (cosine: decays to 0)"
+    )
+    p.add_argument("--clip-norm", type=float, help="clip gradients to this global norm")
     p.add_argument("--seed", type=int)
     p.add_argument("--validation", type=float, help="held-out fraction of train (default 0.1)")
     p.add_argument(
