@@ -42,7 +42,15 @@ import numpy as np
 from fml import models
 from fml._model import Model, canonical_spec
 from fml.errors import CheckpointError, FmlError, TrainingError
-from fml.step import FULL_BATCH_OPTIMIZERS, OPTIMIZERS, TrainState, init_state, make_optimizer
+from fml.step import (
+    FULL_BATCH_OPTIMIZERS,
+    OPTIMIZERS,
+    CosineSchedule,
+    TrainState,
+    init_state,
+    make_optimizer,
+    schedule_from_json,
+)
 
 CHECKPOINTS = "checkpoints"
 # 1: "sha256" covers the arrays only; 2: "sha256" covers the metadata, whose
@@ -92,7 +100,10 @@ class Restored(NamedTuple):
 
 
 def _jsonable(value):
-    """`value` if it survives a JSON round trip unchanged, else a `"<custom ...>"` tag."""
+    """`value` if it survives a JSON round trip unchanged (a schedule of fml's as
+    its `to_json`), else a `"<custom ...>"` tag."""
+    if isinstance(value, CosineSchedule):
+        return value.to_json()
     try:
         if json.loads(json.dumps(value)) == value:
             return value
@@ -131,9 +142,14 @@ def optimizer_from_config(config: dict):
     """The optax optimizer a run was made with, rebuilt from its config."""
     name, learning_rate = config.get("optimizer"), config.get("learning_rate")
     kwargs = config.get("optimizer_kwargs") or {}
+    if isinstance(learning_rate, dict):
+        try:
+            learning_rate = schedule_from_json(learning_rate)
+        except FmlError as e:
+            raise CheckpointError(f"the run's learning_rate: {e}") from None
     rebuildable = (
         name in OPTIMIZERS
-        and isinstance(learning_rate, int | float)
+        and isinstance(learning_rate, int | float | CosineSchedule)
         or name in FULL_BATCH_OPTIMIZERS
     ) and isinstance(kwargs, dict)
     if not rebuildable:

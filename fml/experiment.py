@@ -250,8 +250,9 @@ def train_and_evaluate(
 def learning_rate(config: dict, num_train: int):
     """The config's learning rate for `fit`: a float, or its schedule (config key
     "schedule", `fml.step.make_schedule`) over the run's `epochs` of `num_train`
-    examples. A schedule spans the epochs the config asks for, so resuming a run
-    to more epochs stretches it from where it stands."""
+    examples. A schedule spans the epochs the config asks for and is part of the
+    run's trajectory: resuming a scheduled run to more epochs is refused
+    (`CheckpointError` naming learning_rate), as any other change of it is."""
     steps = config["epochs"] * batching.steps_per_epoch(num_train, config["batch_size"])
     return make_schedule(config.get("schedule"), config["learning_rate"], steps)
 

@@ -116,18 +116,33 @@ def make_optimizer(
     return optax.with_extra_args_support(tx)
 
 
+class CosineSchedule(NamedTuple):
+    """`learning_rate` at step 0 down to 0 at step `steps` along a half cosine
+    (`optax.cosine_decay_schedule`). A value, so a checkpoint records it as JSON
+    (`to_json`) and `restore` rebuilds it (`schedule_from_json`)."""
+
+    learning_rate: float
+    steps: int
+
+    def __call__(self, count):
+        return optax.cosine_decay_schedule(self.learning_rate, self.steps)(count)
+
+    def to_json(self) -> dict:
+        return {"schedule": "cosine", "learning_rate": self.learning_rate, "steps": self.steps}
+
+
 def make_schedule(name: str | None, learning_rate: float, steps: int):
     """The learning rate of a run of `steps` steps, by schedule name.
 
     Args:
       name: "constant" (or None): `learning_rate` throughout; "cosine": from
         `learning_rate` at step 0 down to 0 at step `steps` along a half cosine
-        (`optax.cosine_decay_schedule`), so the last epoch takes small steps.
+        (`CosineSchedule`), so the last epoch takes small steps.
       learning_rate: the peak (initial) learning rate.
       steps: the run's optimizer steps (epochs times steps per epoch).
 
     Returns:
-      a float or an optax schedule, for `fit`'s `learning_rate`.
+      a float or a `CosineSchedule`, for `fit`'s `learning_rate`.
     """
     if name is None or name == "constant":
         return learning_rate
@@ -136,7 +151,16 @@ def make_schedule(name: str | None, learning_rate: float, steps: int):
     in_range(learning_rate, "learning_rate", 0.0, math.inf, closed="neither")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"a cosine schedule needs a positive int of steps, got {steps!r}")
-    return optax.cosine_decay_schedule(learning_rate, steps)
+    return CosineSchedule(float(learning_rate), steps)
+
+
+def schedule_from_json(value: dict):
+    """The schedule `CosineSchedule.to_json` recorded, checked."""
+    if not (isinstance(value, dict) and set(value) == {"schedule", "learning_rate", "steps"}):
+        raise ConfigError(
+            f'expected a schedule {{"schedule", "learning_rate", "steps"}}, got {value!r:.200}'
+        )
+    return make_schedule(value["schedule"], value["learning_rate"], value["steps"])
 
 
 # ------------------------------------------------------------------ objective

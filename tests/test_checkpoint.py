@@ -207,6 +207,28 @@ def test_restore_rebuilds_model_and_whole_state_with_no_user_code(run):
     assert int(older.step) == 6 and not tree_equal(jax.device_get(older.params), final.params)
 
 
+def test_a_cosine_schedule_is_recorded_and_rebuilt_by_restore(tmp_path):
+    model, data = fml.models.mlp([8, 3]), tiny_classification()
+    schedule = fml.step.make_schedule("cosine", 0.05, 8)
+    options = dict(epochs=2, batch_size=8, quiet=True, checkpoint_dir=tmp_path / "run")
+    state, _ = fml.fit(model, data, optimizer="adam", learning_rate=schedule, **options)
+    meta = checkpoint.Checkpointer(tmp_path / "run", read_only=True).read_meta(8)
+    assert meta["config"]["learning_rate"] == {
+        "schedule": "cosine",
+        "learning_rate": 0.05,
+        "steps": 8,
+    }
+    _, restored = checkpoint.restore(tmp_path / "run")  # no optimizer= needed
+    assert tree_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
+    # the closed form of the rate the last step used: 0.05 (1 + cos(7 pi / 8)) / 2
+    last = float(restored.opt_state.hyperparams["learning_rate"])
+    np.testing.assert_allclose(last, 0.05 * (1 + np.cos(7 * np.pi / 8)) / 2, rtol=1e-5)
+    # resuming under another schedule would change the trajectory: refused
+    longer = fml.step.make_schedule("cosine", 0.05, 16)
+    with pytest.raises(CheckpointError, match="learning_rate"):
+        fml.fit(model, data, optimizer="adam", learning_rate=longer, resume=True, **options)
+
+
 def test_failed_save_leaves_previous_checkpoint_intact(run, tmp_path, monkeypatch):
     """Disk full in the middle of a save: a clear error, and the last checkpoint
     still restores (keep=1 must not have deleted it)."""
