@@ -547,9 +547,7 @@ def sweep(
     sizes = [x.shape[0]] * len(members) if subsets is None else [len(s) for s in subsets]
     l2_values = [_member_l2(model, c, n) for c, n in zip(members, sizes)]
     state = _init_states(model, tx, x.shape[1:], members, l2_values)
-    expected = inputs.check_targets(
-        model, _take(state.params, 0), x, y, objective, "training data"
-    )
+    expected = inputs.check_targets(model, _take(state.params, 0), x, y, objective, "training data")
     splits = {"val": (x_val, y_val), "test": (x_test, y_test)}
     splits = {k: v for k, v in splits.items() if v[0] is not None}
     for name, (xs, ys) in {"train": (x, y), **splits}.items():
@@ -758,9 +756,7 @@ def _split_scores(model, objective, metric, state, splits) -> dict:
     """`{split: {"loss": [K], metric: [K]}}` for the validation and test splits."""
     stacked = _stacked(model)
     return {
-        split: jax.device_get(
-            _scores(objective, metric, predict(stacked, state.params, xs), ys)
-        )
+        split: jax.device_get(_scores(objective, metric, predict(stacked, state.params, xs), ys))
         for split, (xs, ys) in splits.items()
     }
 

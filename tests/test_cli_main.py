@@ -31,7 +31,11 @@ def test_mnist1d_table_script_writes_the_table(tmp_path, capsys):
     assert device.startswith("Device: CPU") and table.strip() in out
     assert f"table written to {tmp_path / 'table.md'}" in out
     lines = table.strip().splitlines()[2:]
-    assert len(lines) == len(rows) == len(mnist1d_report.ENTRIES) + len(mnist1d_report.SHUFFLED_ENTRIES)
+    assert (
+        len(lines)
+        == len(rows)
+        == len(mnist1d_report.ENTRIES) + len(mnist1d_report.SHUFFLED_ENTRIES)
+    )
     papers = {}
     for line in lines:  # every family beats chance (10%) even at a tenth of the budget
         label, dataset, accuracy, paper = (c.strip() for c in line.split("|")[1:5])

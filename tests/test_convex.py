@@ -58,9 +58,11 @@ def test_one_program_lbfgs_does_not_recompile_on_a_second_fit():
     fml.fit(model, (data.x_train, data.y_train), epochs=7, **kwargs)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: compiles.append(event)
-        if event == "/jax/core/compile/backend_compile_duration"
-        else None
+        lambda event, seconds, **_: (
+            compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
     )
     fml.fit(model, (data.x_train, data.y_train), epochs=7, **{**kwargs, "l2": 0.5})
     fml.fit(model, (data.x_train, data.y_train), epochs=5, tol=1e-4, **kwargs)  # same capacity

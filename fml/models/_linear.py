@@ -88,7 +88,11 @@ def logistic_regression(
 
 
 def svm(
-    num_classes: int, *, loss: str = "hinge", C: float = 1.0, init: str = "lecun",
+    num_classes: int,
+    *,
+    loss: str = "hinge",
+    C: float = 1.0,
+    init: str = "lecun",
     dtype: str = "float32",
 ) -> Model:
     """Linear soft-margin SVM; one score `[B, 1]` for 2 classes, else one-vs-rest `[B, K]`.
