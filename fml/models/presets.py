@@ -199,8 +199,11 @@ def _recipes(kind: str, cell: str) -> dict[str, Recipe]:
             "cnn": Recipe(
                 lambda s, k: mnist1d_conv_base(k, 64, init="torch"), "adam", 1e-2, 200, 100
             ),
-            # One GRU layer of 64, Adam 3e-3, 30 epochs: 96.0% (paper's GRU: 91%).
-            "rnn": Recipe(lambda s, k: mnist1d_rnn(cell, k), "adam", 3e-3, 30, 100),
+            # One GRU layer of 64, Adam 3e-3 (paper's GRU: 91%). Under the current
+            # batch order 30 epochs gave 95.4 +- 1.5 over seeds 0-2 (96.9, 93.3,
+            # 95.9); 45 epochs 96.8 +- 0.8 (97.4, 95.6, 97.4); a cosine decay over 30
+            # epochs 72.9.
+            "rnn": Recipe(lambda s, k: mnist1d_rnn(cell, k), "adam", 3e-3, 45, 100),
         }
     images = {
         "logistic_regression": Recipe(_LOGISTIC, "adam", 1e-2, 20, 64),
