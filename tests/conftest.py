@@ -18,3 +18,25 @@ def rng():
     """A generator seeded per test: a module-wide one would draw different data
     under each xdist schedule."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def backend_compiles():
+    """`start()` returns the list of XLA backend compilations from then on; the
+    listener is removed after the test."""
+    listeners = []
+
+    def start() -> list:
+        compiles = []
+
+        def listen(event, seconds, **_):
+            if event == "/jax/core/compile/backend_compile_duration":
+                compiles.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        listeners.append(listen)
+        return compiles
+
+    yield start
+    for listen in listeners:
+        jax.monitoring.unregister_event_duration_listener(listen)

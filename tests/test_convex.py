@@ -51,19 +51,12 @@ def test_one_program_lbfgs_equals_per_step_lbfgs(family):
     assert int(got.step) == 15
 
 
-def test_one_program_lbfgs_does_not_recompile_on_a_second_fit():
+def test_one_program_lbfgs_does_not_recompile_on_a_second_fit(backend_compiles):
     data = fml.data.load("breast_cancer")
     model = models.logistic_regression(2)
     kwargs = dict(optimizer="lbfgs", quiet=True, l2=1e-3)
     fml.fit(model, (data.x_train, data.y_train), epochs=7, **kwargs)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: (
-            compiles.append(event)
-            if event == "/jax/core/compile/backend_compile_duration"
-            else None
-        )
-    )
+    compiles = backend_compiles()
     fml.fit(model, (data.x_train, data.y_train), epochs=7, **{**kwargs, "l2": 0.5})
     fml.fit(model, (data.x_train, data.y_train), epochs=5, tol=1e-4, **kwargs)  # same capacity
     assert compiles == []

@@ -354,7 +354,7 @@ def test_data_parallel_report_times_the_same_work():
 
 @pytest.mark.parametrize("launcher", ["shard_map", "pmap"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_second_parallel_fit_compiles_nothing(launcher, fused):
+def test_a_second_parallel_fit_compiles_nothing(launcher, fused, backend_compiles):
     """The per-replica programs are reused across `fit` calls of the same model (a new
     learning rate is state, not a constant)."""
     rng = np.random.default_rng(0)
@@ -362,13 +362,6 @@ def test_a_second_parallel_fit_compiles_nothing(launcher, fused):
     model = fml.models.mlp([8, 3])
     kwargs = dict(epochs=1, batch_size=16, parallel=launcher, fused=fused, quiet=True)
     fml.fit(model, (x, y), learning_rate=1e-2, **kwargs)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: (
-            compiles.append(event)
-            if event == "/jax/core/compile/backend_compile_duration"
-            else None
-        )
-    )
+    compiles = backend_compiles()
     state, _ = fml.fit(model, (x, y), learning_rate=3e-2, **kwargs)
     assert compiles == [] and int(state.step) == 3
